@@ -1,0 +1,84 @@
+"""Image input/output: PIL, numpy or tensor in; model tensors in [-1, 1] out; files written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import RefFaceError
+from .files import write_atomic
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open a photo as 8-bit RGB, upright per its EXIF orientation."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefFaceError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise RefFaceError(f"not a readable image: {path} ({e})") from None
+
+
+def to_model_tensor(image: ImageLike, size: int) -> torch.Tensor:
+    """[1, 3, size, size] float32 in [-1, 1] from a square RGB image.
+
+    Tensors are [3, H, W] or [1, 3, H, W] in [0, 1]; arrays are H×W×3 (uint8 or float in [0, 1]).
+    """
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    x = image.float()
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[:2] != (1, 3):
+        raise RefFaceError(f"expected one RGB image, got a tensor of shape {tuple(image.shape)}")
+    h, w = x.shape[-2:]
+    if h != w:
+        raise RefFaceError(f"expected a square, aligned face crop, got {w}×{h}")
+    if h != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1) * 2 - 1
+
+
+def from_model_tensor(x: torch.Tensor, like: ImageLike) -> ImageLike:
+    """Map a [1, 3, H, W] model output in [-1, 1] back to the kind of image ``like`` is."""
+    x01 = ((x[0].float() + 1) / 2).clamp(0, 1)
+    if isinstance(like, torch.Tensor):
+        return x01.to(like.device)[None] if like.dim() == 4 else x01.to(like.device)
+    array = x01.permute(1, 2, 0).cpu().numpy()
+    if isinstance(like, np.ndarray) and like.dtype != np.uint8:
+        return array
+    u8 = (array * 255).round().astype(np.uint8)
+    return u8 if isinstance(like, np.ndarray) else Image.fromarray(u8)
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """Fail early, before any work, on an output path that cannot be written; returns the PIL format."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RefFaceError(f"output folder does not exist: {path.parent}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise RefFaceError(f"unknown image extension {path.suffix!r} for {path}; use .png or .jpg")
+    return fmt
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write next to the target and rename, so an existing file is never left half-written."""
+    fmt = check_output_path(path)
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format=fmt))

@@ -1,0 +1,14 @@
+from .convert import convert_refldm, load_checkpoint
+from .restorer import RefFaceRestorer
+from .unet import CacheKV, KVRecorder, refldm_unet_config
+from .vq import refldm_vq_config
+
+__all__ = [
+    "CacheKV",
+    "KVRecorder",
+    "RefFaceRestorer",
+    "convert_refldm",
+    "load_checkpoint",
+    "refldm_unet_config",
+    "refldm_vq_config",
+]

@@ -1,0 +1,227 @@
+"""RefFaceRestorer: the ReF-LDM UNet and VQ autoencoder, with CacheKV references and guided sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel, VQModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import RefFaceError, listing
+from ..files import write_atomic
+from ..images import ImageLike, from_model_tensor, to_model_tensor
+from ..sampling import Branch, make_branches, make_solver, run_sampler
+from ..sampling.sampler import Denoiser, StepCallback
+from .unet import CacheKV, KVRecorder, install_reference_attention, refldm_unet_config, unet_forward
+from .vq import refldm_vq_config
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "refface"
+
+
+class RefFaceRestorer(nn.Module):
+    def __init__(self, unet_config: dict[str, Any] | None = None, vq_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.unet_config = dict(unet_config or refldm_unet_config())
+        self.vq_config = dict(vq_config or refldm_vq_config())
+        self.unet = UNet2DModel(**self.unet_config)
+        self.vq = VQModel(**self.vq_config)
+        install_reference_attention(self.unet)
+
+    # -- loading and saving -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> RefFaceRestorer:
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not path.is_dir():
+            raise RefFaceError(f"model folder not found: {path}")
+        try:
+            config = json.loads(config_file.read_text())
+            assert config["format"] == FORMAT
+        except (OSError, ValueError, KeyError, AssertionError, TypeError):
+            raise RefFaceError(
+                f"{path} is not a RefFace model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                "make one from ReF-LDM weights with `refface convert`"
+            ) from None
+        try:
+            state = load_file(weights_file, device=str(device))
+        except (OSError, SafetensorError) as e:
+            raise RefFaceError(f"cannot read the weights {weights_file}: {e}") from None
+        with torch.device("meta"):
+            model = cls(config["unet"], config["vq"])
+        model.load_weights(state, source=str(weights_file))
+        return model.to(device=device, dtype=dtype).eval()
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Strict load that names every missing, unexpected or mis-shaped tensor."""
+        own = self.state_dict()
+        problems = [f"missing: {k}" for k in own if k not in state]
+        problems += [f"unexpected: {k}" for k in state if k not in own]
+        problems += [
+            f"shape of {k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} expected"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if problems:
+            raise RefFaceError(listing(f"weights in {source} do not match the model config", problems))
+        self.load_state_dict(state, strict=True, assign=True)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = {"format": FORMAT, "version": 1, "unet": self.unet_config, "vq": self.vq_config}
+        write_atomic(path / WEIGHTS_NAME, lambda f: save_file(weights, f))
+        write_atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size of the aligned face crops the model restores."""
+        return self.unet_config["sample_size"] * 2 ** (len(self.vq_config["block_out_channels"]) - 1)
+
+    # -- the VQ first stage -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1,1] -> unquantized latents [B,C,H/f,W/f]."""
+        return self.vq.encode(images.to(self.device, self.dtype)).latents.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1,1]; quantizes to the codebook first, as ReF-LDM does."""
+        return self.vq.decode(latents.to(self.device, self.dtype)).sample.float()
+
+    @torch.no_grad()
+    def encode_references(self, images: torch.Tensor, layout: str = "strip") -> torch.Tensor:
+        """[B,N,3,H,W] -> [B,N,C,h,w]. "strip" encodes the N faces side by side as one wide image (ReF-LDM)."""
+        b, n, c, h, w = images.shape
+        if layout == "separate":
+            return self.encode(images.reshape(b * n, c, h, w)).unflatten(0, (b, n))
+        if layout != "strip":
+            raise ValueError(f"layout must be 'strip' or 'separate', got {layout!r}")
+        strip = self.encode(images.permute(0, 2, 3, 1, 4).reshape(b, c, h, n * w))
+        return strip.unflatten(3, (n, strip.shape[3] // n)).permute(0, 3, 1, 2, 4)
+
+    # -- the denoiser -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def denoiser(
+        self, lq_latent: torch.Tensor, ref_latents: torch.Tensor | None, branches: Sequence[Branch]
+    ) -> Denoiser:
+        """Prepare the CacheKV for ``branches`` once; return x_t, t -> guided eps (float32)."""
+        b = lq_latent.shape[0]
+        lq = lq_latent.to(self.device, self.dtype)
+        lq_rows = torch.cat([lq if branch.use_lq else torch.zeros_like(lq) for branch in branches])
+        cache = None if ref_latents is None else self.reference_kv(ref_latents, branches)
+        weights = torch.tensor([branch.weight for branch in branches], device=self.device).view(-1, 1, 1, 1, 1)
+
+        def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+            t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
+            x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
+            eps = unet_forward(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache).float()
+            if len(branches) == 1 and branches[0].weight == 1.0:
+                return eps
+            return (weights * eps.unflatten(0, (len(branches), b))).sum(0)
+
+        return denoise
+
+    @torch.no_grad()
+    def reference_kv(self, ref_latents: torch.Tensor, branches: Sequence[Branch]) -> CacheKV:
+        """One UNet pass at t=0 per distinct reference (and one for ∅), laid out per branch row."""
+        b, n = ref_latents.shape[:2]
+        refs = ref_latents.to(self.device, self.dtype).flatten(0, 1)
+        slot_counts = {len(branch.refs) for branch in branches if branch.refs is not None} or {1}
+        if len(slot_counts) != 1:
+            raise ValueError(f"all branches must use the same number of reference slots, got {slot_counts}")
+        (slots,) = slot_counts
+        zero_pass = len(refs)
+        if any(branch.refs is None for branch in branches):
+            refs = torch.cat([refs, torch.zeros_like(refs[:1])])
+        rows = [
+            [zero_pass] * slots if branch.refs is None else [i * n + r for r in branch.refs]
+            for branch in branches
+            for i in range(b)
+        ]
+        recorder = KVRecorder()
+        inputs = torch.cat([refs, torch.zeros_like(refs)], dim=1)
+        unet_forward(self.unet, inputs, torch.zeros(len(refs), dtype=torch.long, device=self.device), recorder)
+        return recorder.gather(torch.tensor(rows, device=self.device))
+
+    def predict_noise(
+        self,
+        x_t: torch.Tensor,
+        t: int | torch.Tensor,
+        lq_latent: torch.Tensor,
+        ref_latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """eps for [x_t, lq] with CacheKV over ``ref_latents`` [B,N,C,h,w] (None: no references)."""
+        refs = None if ref_latents is None else tuple(range(ref_latents.shape[1]))
+        return self.denoiser(lq_latent, ref_latents, [Branch(1.0, True, refs)])(x_t, t)
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lq_latent: torch.Tensor,
+        ref_latents: torch.Tensor,
+        steps: int = 50,
+        spacing: str = "uniform_trailing",
+        guidance: str = "refldm",
+        scale: float = 1.5,
+        s_i: float = 1.2,
+        s_c: float = 1.2,
+        solver: str = "ddim",
+        ref_slots: int | None = None,
+        eta: float = 0.0,
+        x_T: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Restore latents. ``ref_latents`` is [B,N,C,h,w]; ``ref_slots`` repeats references to that many slots."""
+        branches = make_branches(guidance, ref_latents.shape[1], scale, s_i, s_c, ref_slots)
+        if x_T is None:
+            x_T = torch.randn(lq_latent.shape, generator=generator, dtype=torch.float32)
+        solve = make_solver(solver, steps, spacing, eta, generator)
+        denoise = self.denoiser(lq_latent, ref_latents, branches)
+        return run_sampler(denoise, x_T.float().to(self.device), solve, callback, cancel)
+
+    def restore(
+        self,
+        lq_face: ImageLike,
+        reference_faces: Sequence[ImageLike],
+        seed: int = 2024,
+        ref_layout: str = "strip",
+        **sample_options: Any,
+    ) -> ImageLike:
+        """Restore one aligned face crop with aligned reference crops; returns the kind of image given."""
+        if not reference_faces:
+            raise RefFaceError("at least one reference face is needed")
+        size = self.image_size
+        lq = to_model_tensor(lq_face, size)
+        refs = torch.stack([to_model_tensor(r, size)[0] for r in reference_faces])[None]
+        generator = torch.Generator().manual_seed(seed)
+        ref_latents = self.encode_references(refs, ref_layout)
+        latent = self.sample(self.encode(lq), ref_latents, generator=generator, **sample_options)
+        return from_model_tensor(self.decode(latent), like=lq_face)
+

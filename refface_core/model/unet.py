@@ -1,0 +1,159 @@
+"""ReF-LDM's denoiser as a diffusers UNet2DModel, with CacheKV reference attention.
+
+CacheKV: each reference runs once through the UNet at t=0 on [reference latent, zeros]; every attention
+layer records its keys and values. The main pass then attends to its own tokens plus those of its references.
+The recorded keys and values travel in an explicit object passed through the forward call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def refldm_unet_config(
+    model_channels: int = 160,
+    channel_mult: Sequence[int] = (1, 2, 2, 4),
+    attention_levels: Sequence[bool] = (False, True, True, True),
+    num_res_blocks: int = 2,
+    head_channels: int = 32,
+    in_channels: int = 16,
+    out_channels: int = 8,
+    sample_size: int = 64,
+) -> dict[str, Any]:
+    """UNet2DModel settings that reproduce ReF-LDM's openaimodel UNet (the defaults are the full model)."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(model_channels * m for m in channel_mult),
+        layers_per_block=num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)),
+        attention_head_dim=head_channels,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        time_embedding_type="positional",
+    )
+
+
+class KVRecorder:
+    """Collects each attention layer's keys and values during a reference pass."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, KV] = {}
+
+    def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> KV:
+        self.layers[name] = (k, v)
+        return k, v
+
+    def gather(self, slots: torch.Tensor) -> CacheKV:
+        """Lay out the recorded passes for a main batch: row r attends to passes ``slots[r, 0..S-1]``."""
+        rows, count = slots.shape
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            _, heads, tokens, dim = t.shape
+            return t[slots.flatten()].view(rows, count, heads, tokens, dim).transpose(1, 2).reshape(
+                rows, heads, count * tokens, dim
+            )
+
+        return CacheKV({name: (pick(k), pick(v)) for name, (k, v) in self.layers.items()})
+
+
+class CacheKV:
+    """Reference keys and values per attention layer, already laid out per main-batch row."""
+
+    def __init__(self, layers: dict[str, KV]) -> None:
+        self.layers = layers
+
+    def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> KV:
+        ref_k, ref_v = self.layers[name]
+        return torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
+
+
+class ReferenceAttnProcessor:
+    """Self-attention (SDPA) whose keys and values can be recorded or extended by a CacheKV object."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        cache_kv: KVRecorder | CacheKV | None = None,
+    ) -> torch.Tensor:
+        b, c, h, w = hidden_states.shape
+        x = attn.group_norm(hidden_states).view(b, c, h * w).transpose(1, 2)
+        heads = attn.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, h * w, heads, c // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x))
+        if cache_kv is not None:
+            k, v = cache_kv.extend(self.name, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = attn.to_out[0](out.transpose(1, 2).reshape(b, h * w, c))
+        return out.transpose(1, 2).reshape(b, c, h, w) + hidden_states
+
+
+def install_reference_attention(unet: UNet2DModel) -> None:
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            module.set_processor(ReferenceAttnProcessor(name))
+
+
+def unet_forward(
+    unet: UNet2DModel,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    cache_kv: KVRecorder | CacheKV | None = None,
+) -> torch.Tensor:
+    """UNet2DModel's forward, with the CacheKV object handed to every attention layer."""
+
+    def attend(attn: Attention, h: torch.Tensor) -> torch.Tensor:
+        return attn.processor(attn, h, cache_kv=cache_kv)
+
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
+    h = unet.conv_in(sample)
+    skips = [h]
+    for block in unet.down_blocks:
+        attentions = getattr(block, "attentions", None)
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(h, emb)
+            if attentions is not None:
+                h = attend(attentions[i], h)
+            skips.append(h)
+        if block.downsamplers is not None:
+            h = block.downsamplers[0](h)
+            skips.append(h)
+
+    mid = unet.mid_block
+    h = mid.resnets[0](h, emb)
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        h = resnet(attend(attn, h), emb)
+
+    for block in unet.up_blocks:
+        attentions = getattr(block, "attentions", None)
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if attentions is not None:
+                h = attend(attentions[i], h)
+        if block.upsamplers is not None:
+            h = block.upsamplers[0](h)
+
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))

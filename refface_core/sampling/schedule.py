@@ -1,0 +1,30 @@
+"""ReF-LDM's noise schedule and DDIM timestep spacing."""
+
+from __future__ import annotations
+
+import torch
+
+TRAIN_STEPS = 1000
+SPACINGS = ("uniform", "uniform_trailing")
+
+
+def refldm_betas(linear_start: float = 0.0015, linear_end: float = 0.0155) -> torch.Tensor:
+    """float64 betas of the 'linear' schedule: linspace in sqrt-space, squared."""
+    return torch.linspace(linear_start**0.5, linear_end**0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+
+
+def refldm_alphas_cumprod() -> torch.Tensor:
+    """Alpha-bar as the model uses it: cumprod in float64, stored as float32."""
+    return torch.cumprod(1.0 - refldm_betas(), dim=0).float()
+
+
+def ddim_timesteps(steps: int, spacing: str) -> torch.Tensor:
+    """Ascending DDIM timesteps, ReF-LDM's 'uniform' (1, c+1, ...) or 'uniform_trailing' (..., 999)."""
+    if not 0 < steps <= TRAIN_STEPS:
+        raise ValueError(f"steps must be in 1..{TRAIN_STEPS}, got {steps}")
+    c = TRAIN_STEPS // steps
+    if spacing == "uniform":
+        return torch.arange(0, TRAIN_STEPS, c) + 1
+    if spacing == "uniform_trailing":
+        return torch.arange(TRAIN_STEPS, 0, -c).flip(0) - 1
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
