@@ -85,12 +85,15 @@ def run_bench(
     f_prep = count_flops(
         model, lambda m, put: m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches)
     )
-    f_step = count_flops(
-        model,
-        lambda m, put: m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches)(
-            put(torch.zeros(lat_shape)), 500
-        ),
-    ) - f_prep
+    f_step = (
+        count_flops(
+            model,
+            lambda m, put: m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches)(
+                put(torch.zeros(lat_shape)), 500
+            ),
+        )
+        - f_prep
+    )
     f_decode = count_flops(model, lambda m, put: m.decode(put(torch.zeros(lat_shape))))
 
     stages = [
@@ -101,8 +104,9 @@ def run_bench(
     ]
     result = {
         "config": {
-            "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'x86_64'}, "
-            f"{torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(device)
+            if cuda
+            else f"cpu ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)",
             "dtype": str(model.dtype).removeprefix("torch."),
             "image_size": size,
             "batch": batch,
@@ -151,5 +155,7 @@ def format_table(result: dict[str, Any]) -> str:
         peak = "-" if s["peak_mib"] is None else f"{s['peak_mib']:.0f}"
         tflops = "-" if s["tflops"] is None else f"{s['tflops']:.2f}"
         lines.append(f"{name:<16}{s['seconds']:>10.3f}{s['unet_evals']:>12}{s['gflop']:>10.0f}{tflops:>9}{peak:>10}")
-    lines.append(f"per face: {result['total']['seconds_per_face']:.3f} s; peak memory: {result['total']['peak_memory_kind']}")
+    lines.append(
+        f"per face: {result['total']['seconds_per_face']:.3f} s; peak memory: {result['total']['peak_memory_kind']}"
+    )
     return "\n".join(lines)

@@ -65,7 +65,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, steps: int = 50, spaci
     parser.add_argument("--spacing", choices=SPACINGS, default=spacing, help=f"timestep spacing (default {spacing})")
     parser.add_argument("--solver", choices=SOLVERS, default="ddim", help="ddim (ReF-LDM's) or dpmpp_2m")
     parser.add_argument(
-        "--guidance", choices=GUIDANCES, default="refldm",
+        "--guidance",
+        choices=GUIDANCES,
+        default="refldm",
         help="refldm: CFG on the references; multi_reference: the paper's N-reference guidance",
     )
     parser.add_argument("--scale", type=float, default=1.5, help="refldm guidance scale (default 1.5)")
@@ -92,8 +94,14 @@ def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]
 
 def sampling_options(args: argparse.Namespace) -> dict:
     return dict(
-        steps=args.steps, spacing=args.spacing, solver=args.solver, guidance=args.guidance,
-        scale=args.scale, s_i=args.s_i, s_c=args.s_c, ref_slots=args.ref_slots,
+        steps=args.steps,
+        spacing=args.spacing,
+        solver=args.solver,
+        guidance=args.guidance,
+        scale=args.scale,
+        s_i=args.s_i,
+        s_c=args.s_c,
+        ref_slots=args.ref_slots,
     )
 
 
@@ -124,7 +132,10 @@ def run_restore(args: argparse.Namespace) -> int:
     model = RefFaceRestorer.from_pretrained(args.model, device=device, dtype=dtype)
     with tqdm(total=args.steps, desc="restoring", unit="step", disable=None) as bar:
         restored = model.restore(
-            lq, refs, seed=args.seed, callback=lambda step, total, *_: bar.update(step - bar.n),
+            lq,
+            refs,
+            seed=args.seed,
+            callback=lambda step, total, *_: bar.update(step - bar.n),
             **sampling_options(args),
         )
     save_image(restored, args.out)

@@ -53,7 +53,9 @@ def test_full_size_checkpoints_convert_exactly():
         assert torch.equal(attn.to_q.weight[32 * h : 32 * h + 32], qkv[rows][:32])
         assert torch.equal(attn.to_k.weight[32 * h : 32 * h + 32], qkv[rows][32:64])
         assert torch.equal(attn.to_v.weight[32 * h : 32 * h + 32], qkv[rows][64:])
-    assert torch.equal(model.vq.decoder.up_blocks[0].resnets[0].conv1.weight, vq_sd["decoder.up.3.block.0.conv1.weight"])
+    assert torch.equal(
+        model.vq.decoder.up_blocks[0].resnets[0].conv1.weight, vq_sd["decoder.up.3.block.0.conv1.weight"]
+    )
     assert torch.equal(model.vq.quantize.embedding.weight, vq_sd["quantize.embedding.weight"])
 
 
@@ -129,8 +131,17 @@ def test_cli_reports_unloadable_files(tmp_path, capsys):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
     for bad in ("missing.ckpt", "notes.ckpt", "pickled.ckpt"):
-        code = main(["convert", "--refldm-unet", str(tmp_path / bad), "--refldm-vq", str(tmp_path / bad),
-                     "--out", str(tmp_path / "out")])
+        code = main(
+            [
+                "convert",
+                "--refldm-unet",
+                str(tmp_path / bad),
+                "--refldm-vq",
+                str(tmp_path / bad),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("refface: error:") and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1

@@ -76,7 +76,9 @@ def test_pixel_pipeline(golden, golden_model, init):
     torch.testing.assert_close(lq_latent, g[f"{p}.lq_latent"], atol=2e-5, rtol=0)
     refs = g[f"{p}.ref_image_wide"].unflatten(3, (3, 32)).permute(0, 3, 1, 2, 4)  # [B, N, 3, H, W]
     ref_latents = model.encode_references(refs)
-    torch.testing.assert_close(ref_latents.permute(0, 2, 3, 1, 4).flatten(3), g[f"{p}.ref_latent_wide"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        ref_latents.permute(0, 2, 3, 1, 4).flatten(3), g[f"{p}.ref_latent_wide"], atol=2e-5, rtol=0
+    )
     final = model.sample(lq_latent, ref_latents, steps=5, spacing="uniform_trailing", scale=1.5, x_T=g[f"{p}.x_T"])
     tol = 5e-6 * g[f"{p}.final_latent"].abs().max().item()
     torch.testing.assert_close(final, g[f"{p}.final_latent"], atol=tol, rtol=0)

@@ -29,8 +29,14 @@ IGNORED = re.compile(
     r"|betas|alphas_cumprod(_prev)?|sqrt_(recip_|recipm1_|one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod"
     r"|posterior_(variance|log_variance_clipped|mean_coef1|mean_coef2))$"
 )
-RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+RESBLOCK = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 VQ_RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 VQ_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -73,12 +79,12 @@ def convert_refldm(
     use_ema: bool = True,
 ) -> RefFaceRestorer:
     """Build a RefFaceRestorer from ReF-LDM's UNet state dict and the VQ autoencoder's state dict."""
-    unet_src = {k[len(UNET_PREFIX):]: v for k, v in unet_state.items() if k.startswith(UNET_PREFIX)}
+    unet_src = {k[len(UNET_PREFIX) :]: v for k, v in unet_state.items() if k.startswith(UNET_PREFIX)}
     if not unet_src:
         raise RefFaceError(f"no {UNET_PREFIX}* tensors found: is this ReF-LDM's refldm.ckpt?")
     vq_src = vq_state
     if any(k.startswith("first_stage_model.") for k in vq_state):
-        vq_src = {k[len("first_stage_model."):]: v for k, v in vq_state.items() if k.startswith("first_stage_model.")}
+        vq_src = {k[len("first_stage_model.") :]: v for k, v in vq_state.items() if k.startswith("first_stage_model.")}
     unet_config = _infer_unet_config(unet_src, head_channels)
     vq_config = _infer_vq_config(vq_src)
 
@@ -98,7 +104,8 @@ def convert_refldm(
     unexpected += _convert(vq_src, _vq_rule(len(vq_config["block_out_channels"])), "vq.", "", target)
     vq_used = {src for src, _ in target.values() if not src.startswith(UNET_PREFIX)}
     unexpected += [
-        k for k in unet_state
+        k
+        for k in unet_state
         if not k.startswith((UNET_PREFIX, EMA_PREFIX)) and not IGNORED.match(k) and k not in vq_used
     ]
     unexpected += [k for k in vq_state if k not in vq_used and not IGNORED.match(k) and k not in unet_state]
@@ -166,8 +173,13 @@ def _unet_rule(config: dict, head_channels: int) -> Rule:
     per_level = config["layers_per_block"] + 1
 
     def rule(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
-        fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                 "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+        fixed = {
+            "time_embed.0": "time_embedding.linear_1",
+            "time_embed.2": "time_embedding.linear_2",
+            "input_blocks.0.0": "conv_in",
+            "out.0": "conv_norm_out",
+            "out.2": "conv_out",
+        }
         module, _, param = name.rpartition(".")
         if module in fixed:
             return [(f"{fixed[module]}.{param}", t)]
@@ -233,7 +245,9 @@ def _infer_vq_config(src: dict[str, torch.Tensor]) -> dict:
     try:
         channels, in_channels = src["encoder.conv_in.weight"].shape[:2]
         levels = 1 + max(int(m.group(1)) for k in src if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
-        num_res_blocks = 1 + max(int(m.group(1)) for k in src if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        num_res_blocks = 1 + max(
+            int(m.group(1)) for k in src if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))
+        )
         channel_mult = [src[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // channels for i in range(levels)]
         z_channels = src["encoder.conv_out.weight"].shape[0]
         embed_dim = src["quant_conv.weight"].shape[0]
@@ -260,7 +274,9 @@ def _vq_rule(levels: int) -> Rule:
             if part == "attn_1":
                 if module not in VQ_ATTN:
                     return None
-                return [(f"{coder}.mid_block.attentions.0.{VQ_ATTN[module]}.{param}", t.flatten(1) if t.dim() == 4 else t)]
+                return [
+                    (f"{coder}.mid_block.attentions.0.{VQ_ATTN[module]}.{param}", t.flatten(1) if t.dim() == 4 else t)
+                ]
             return _vq_resblock(f"{coder}.mid_block.resnets.{int(part[-1]) - 1}", module, param, t)
         if m := re.match(r"encoder\.down\.(\d+)\.(block\.(\d+)\.(\w+)|downsample\.conv)\.(weight|bias)$", name):
             base = f"encoder.down_blocks.{m.group(1)}"

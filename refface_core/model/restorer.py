@@ -224,4 +224,3 @@ class RefFaceRestorer(nn.Module):
         ref_latents = self.encode_references(refs, ref_layout)
         latent = self.sample(self.encode(lq), ref_latents, generator=generator, **sample_options)
         return from_model_tensor(self.decode(latent), like=lq_face)
-

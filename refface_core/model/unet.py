@@ -63,8 +63,11 @@ class KVRecorder:
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             _, heads, tokens, dim = t.shape
-            return t[slots.flatten()].view(rows, count, heads, tokens, dim).transpose(1, 2).reshape(
-                rows, heads, count * tokens, dim
+            return (
+                t[slots.flatten()]
+                .view(rows, count, heads, tokens, dim)
+                .transpose(1, 2)
+                .reshape(rows, heads, count * tokens, dim)
             )
 
         return CacheKV({name: (pick(k), pick(v)) for name, (k, v) in self.layers.items()})
@@ -144,7 +147,7 @@ def unet_forward(
 
     mid = unet.mid_block
     h = mid.resnets[0](h, emb)
-    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
         h = resnet(attend(attn, h), emb)
 
     for block in unet.up_blocks:

@@ -24,9 +24,7 @@ class Solver(Protocol):
 class DDIM:
     """DDIM as ReF-LDM's DDIMSampler does it, float32 constants and the last step to alpha-bar[0]."""
 
-    def __init__(
-        self, steps: int, spacing: str, eta: float = 0.0, generator: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, steps: int, spacing: str, eta: float = 0.0, generator: torch.Generator | None = None) -> None:
         ac = refldm_alphas_cumprod()
         ascending = ddim_timesteps(steps, spacing)
         self.alphas = ac[ascending]
@@ -54,16 +52,13 @@ class DPMSolverPP:
     """diffusers' DPM-Solver++(2M) configured with ReF-LDM's betas and spacing."""
 
     def __init__(self, steps: int, spacing: str) -> None:
-        ddim_timesteps(steps, spacing)  # validates both
         self.scheduler = DPMSolverMultistepScheduler(
             num_train_timesteps=TRAIN_STEPS,
-            trained_betas=refldm_betas().tolist(),
+            trained_betas=refldm_betas().numpy(),
             solver_order=2,
             algorithm_type="dpmsolver++",
-            timestep_spacing="trailing" if spacing == "uniform_trailing" else "leading",
-            steps_offset=0 if spacing == "uniform_trailing" else 1,
         )
-        self.scheduler.set_timesteps(steps)
+        self.scheduler.set_timesteps(timesteps=ddim_timesteps(steps, spacing).flip(0).tolist())
         self.timesteps = self.scheduler.timesteps.tolist()
         self.alphas_cumprod = refldm_alphas_cumprod()
 

@@ -1,0 +1,116 @@
+"""`refface restore` and `refface bench` end to end on a tiny random model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refface_core.cli import main
+
+from .conftest import tiny_restorer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_restorer(seed=4).save_pretrained(root / "model")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "lq.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA").save(root / "ref1.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").convert("P").save(root / "ref2.png")
+    (root / "notes.png").write_text("not an image")
+    return root
+
+
+def restore_args(files, out, *extra):
+    return [
+        "restore",
+        "--model",
+        str(files / "model"),
+        "--input",
+        str(files / "lq.png"),
+        "--ref",
+        str(files / "ref1.png"),
+        "--ref",
+        str(files / "ref2.png"),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("extra", [[], ["--guidance", "multi_reference", "--solver", "dpmpp_2m", "--dtype", "bf16"]])
+def test_restore_writes_a_valid_image(files, tmp_path, extra, capsys):
+    out = tmp_path / "restored.png"
+    assert main(restore_args(files, out, *extra)) == 0
+    with Image.open(out) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+        pixels = np.asarray(im)
+    assert pixels.std() > 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_restore_is_reproducible_from_the_seed(files, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(restore_args(files, a, "--seed", "9")) == 0
+    assert main(restore_args(files, b, "--seed", "9")) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--input", "missing.png"), "image not found"),
+        (("--input", "notes.png"), "not a readable image"),
+        (("--model", "."), "not a RefFace model folder"),
+        (("--out", "restored.xyz"), "unknown image extension"),
+    ],
+)
+def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, capsys):
+    out = tmp_path / "restored.png"
+    out.write_bytes(b"precious")
+    args = restore_args(files, out)
+    flag, value = change
+    args[args.index(flag) + 1] = str(tmp_path / value if flag == "--out" else files / value)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("refface: error:") and message in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"precious"  # the existing output is untouched
+
+
+def test_bench_reports_stages(files, tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--model",
+        str(files / "model"),
+        "--refs",
+        "3",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--guidance",
+        "multi_reference",
+        "--json",
+        str(report),
+    ]
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    stages = result["stages"]
+    assert list(stages) == ["vq_encode", "reference_prep", "sampling", "decode"]
+    assert result["config"]["branches"] == 4  # s_i == s_c: N + 1
+    assert stages["sampling"]["unet_evals"] == 4 * 4 * 2
+    assert stages["reference_prep"]["unet_evals"] == 2 * 3 + 1
+    assert all(s["seconds"] > 0 and s["gflop"] > 0 for s in stages.values())
+    assert "per face" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "refface_core", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "restore" in result.stdout and "convert" in result.stdout

@@ -1,0 +1,120 @@
+"""RefFaceRestorer: sampling options, precisions, save/load, image types."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refface_core import Cancelled, RefFaceError, RefFaceRestorer
+
+from .conftest import tiny_restorer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_restorer(seed=2)
+
+
+@pytest.fixture(scope="module")
+def latents():
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(1, 8, 16, 16, generator=gen), torch.randn(1, 2, 8, 16, 16, generator=gen)
+
+
+def test_sampling_is_seeded(model, latents):
+    lq, refs = latents
+
+    def run(seed, **kw):
+        return model.sample(lq, refs, steps=4, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.allclose(run(7), run(8))
+    # default x_T matches ReF-LDM's torch.manual_seed(seed); randn(shape)
+    torch.manual_seed(7)
+    x_T = torch.randn(1, 8, 16, 16)
+    assert torch.equal(run(7), model.sample(lq, refs, steps=4, x_T=x_T))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("guidance", ["refldm", "multi_reference"])
+def test_solvers_and_guidance_modes(model, latents, solver, guidance):
+    lq, refs = latents
+    steps = []
+    out = model.sample(
+        lq, refs, steps=5, solver=solver, guidance=guidance, callback=lambda s, n, x, x0: steps.append(s)
+    )
+    assert out.shape == lq.shape and torch.isfinite(out).all()
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_dpm_solver_uses_refldm_timesteps():
+    from refface_core.sampling.solvers import DPMSolverPP
+
+    assert DPMSolverPP(50, "uniform_trailing").timesteps[:2] == [999, 979]
+    assert DPMSolverPP(50, "uniform").timesteps[-2:] == [21, 1]
+
+
+def test_cancel_stops_sampling(model, latents):
+    lq, refs = latents
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled, match="step 2 of 10"):
+        model.sample(lq, refs, steps=10, cancel=cancel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_track_fp32(model, latents, dtype):
+    lq, refs = latents
+    x_T = torch.randn(lq.shape, generator=torch.Generator().manual_seed(1))
+    ref32 = model.predict_noise(x_T, 500, lq, refs)
+    half = tiny_restorer(seed=2).to(dtype)
+    eps = half.predict_noise(x_T, 500, lq, refs)
+    assert eps.dtype == torch.float32
+    assert (eps - ref32).abs().max() < 0.05 * ref32.abs().max()
+    assert half.sample(lq, refs, steps=2).isfinite().all()
+
+
+def test_save_load_round_trip(model, latents, tmp_path):
+    lq, refs = latents
+    model.save_pretrained(tmp_path)
+    loaded = RefFaceRestorer.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["format"] == "refface"
+    x_T = torch.randn(lq.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.sample(lq, refs, steps=3, x_T=x_T), loaded.sample(lq, refs, steps=3, x_T=x_T))
+
+
+def test_from_pretrained_errors(model, tmp_path):
+    with pytest.raises(RefFaceError, match="model folder not found"):
+        RefFaceRestorer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(RefFaceError, match="not a RefFace model folder.*refface convert"):
+        RefFaceRestorer.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["unet"]["layers_per_block"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RefFaceError, match="(?s)do not match the model config.*missing: unet.down_blocks.0.resnets.1"):
+        RefFaceRestorer.from_pretrained(tmp_path)
+
+
+def test_restore_accepts_pil_numpy_and_tensor(model):
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)  # resized to the model's 32 px
+    ref = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert("L")
+    options = dict(steps=2, seed=1)
+    out_np = model.restore(face, [ref], **options)
+    assert out_np.dtype == np.uint8 and out_np.shape == (32, 32, 3)
+    out_pil = model.restore(Image.fromarray(face), [ref], **options)
+    assert isinstance(out_pil, Image.Image) and out_pil.size == (32, 32)
+    assert np.array_equal(np.asarray(out_pil), out_np)
+    out_t = model.restore(torch.from_numpy(face).permute(2, 0, 1) / 255.0, [ref], **options)
+    assert out_t.shape == (3, 32, 32) and 0 <= out_t.min() and out_t.max() <= 1
+    with pytest.raises(RefFaceError, match="square"):
+        model.restore(face[:, :40], [ref], **options)
+    with pytest.raises(RefFaceError, match="at least one reference"):
+        model.restore(face, [], **options)
