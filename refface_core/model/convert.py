@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import RefFaceError, listing
-from .restorer import RefFaceRestorer
+from .restorer import RefFaceRestorer, weight_problems
 from .unet import refldm_unet_config
 from .vq import refldm_vq_config
 
@@ -112,18 +112,12 @@ def convert_refldm(
 
     with torch.device("meta"):
         model = RefFaceRestorer(unet_config, vq_config)
-    expected = model.state_dict()
+    weights = {k: t for k, (_, t) in target.items()}
     problems = [f"unexpected: {k}" for k in sorted(set(unexpected))]
-    problems += [f"missing: {k}" for k in expected if k not in target]
-    problems += [f"unexpected: {src} (no {k} in the model)" for k, (src, _) in target.items() if k not in expected]
-    problems += [
-        f"shape of {src}: {tuple(t.shape)}, expected {tuple(expected[k].shape)}"
-        for k, (src, t) in target.items()
-        if k in expected and t.shape != expected[k].shape
-    ]
+    problems += weight_problems(model.state_dict(), weights, name=lambda k: target[k][0])
     if problems:
         raise RefFaceError(listing("the checkpoints do not convert cleanly", problems))
-    model.load_weights({k: t.float().contiguous() for k, (_, t) in target.items()}, source="the checkpoints")
+    model.load_weights({k: t.float().contiguous() for k, t in weights.items()}, source="the checkpoints")
     return model.eval()
 
 

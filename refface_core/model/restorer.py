@@ -65,14 +65,7 @@ class RefFaceRestorer(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Strict load that names every missing, unexpected or mis-shaped tensor."""
-        own = self.state_dict()
-        problems = [f"missing: {k}" for k in own if k not in state]
-        problems += [f"unexpected: {k}" for k in state if k not in own]
-        problems += [
-            f"shape of {k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} expected"
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
+        problems = weight_problems(self.state_dict(), state)
         if problems:
             raise RefFaceError(listing(f"weights in {source} do not match the model config", problems))
         self.load_state_dict(state, strict=True, assign=True)
@@ -224,3 +217,17 @@ class RefFaceRestorer(nn.Module):
         ref_latents = self.encode_references(refs, ref_layout)
         latent = self.sample(self.encode(lq), ref_latents, generator=generator, **sample_options)
         return from_model_tensor(self.decode(latent), like=lq_face)
+
+
+def weight_problems(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], name: Callable[[str], str] = str
+) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors of ``given``; ``name`` says what to call a given key."""
+    problems = [f"missing: {k}" for k in expected if k not in given]
+    problems += [f"unexpected: {name(k)}" for k in given if k not in expected]
+    problems += [
+        f"shape of {name(k)}: {tuple(t.shape)}, expected {tuple(expected[k].shape)}"
+        for k, t in given.items()
+        if k in expected and t.shape != expected[k].shape
+    ]
+    return problems
