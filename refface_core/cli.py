@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except RefFaceError as e:
+    except (RefFaceError, ValueError) as e:  # the library raises ValueError for out-of-range options
         print(f"refface: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -131,13 +131,12 @@ def run_restore(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args)
     model = RefFaceRestorer.from_pretrained(args.model, device=device, dtype=dtype)
     with tqdm(total=args.steps, desc="restoring", unit="step", disable=None) as bar:
-        restored = model.restore(
-            lq,
-            refs,
-            seed=args.seed,
-            callback=lambda step, total, *_: bar.update(step - bar.n),
-            **sampling_options(args),
-        )
+
+        def progress(step: int, total: int, *_: object) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        restored = model.restore(lq, refs, seed=args.seed, callback=progress, **sampling_options(args))
     save_image(restored, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -29,6 +29,17 @@ def test_ddim_tables(golden, spacing, steps):
         torch.testing.assert_close(DDIM(steps, spacing, eta=1.0).sigmas, g[f"{key}.sigmas_eta1"], atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("steps", [1, 3, 7, 30, 999])
+def test_timesteps_for_any_step_count(steps):
+    for spacing in ("uniform", "uniform_trailing"):
+        t = ddim_timesteps(steps, spacing)
+        assert len(t) == steps and t.min() >= 0 and t.max() <= 999 and (t.diff() > 0).all()
+    assert ddim_timesteps(steps, "uniform_trailing")[-1] == 999
+    assert len(ddim_timesteps(1000, "uniform_trailing")) == 1000
+    with pytest.raises(ValueError, match="at most 999"):
+        ddim_timesteps(1000, "uniform")
+
+
 @pytest.mark.parametrize("case", range(5))
 def test_single_ddim_steps(golden, case):
     g, key = golden("schedule"), f"ddim_step.{case}"

@@ -19,12 +19,18 @@ def refldm_alphas_cumprod() -> torch.Tensor:
 
 
 def ddim_timesteps(steps: int, spacing: str) -> torch.Tensor:
-    """Ascending DDIM timesteps, ReF-LDM's 'uniform' (1, c+1, ...) or 'uniform_trailing' (..., 999)."""
+    """Ascending DDIM timesteps, ReF-LDM's 'uniform' (1, c+1, ...) or 'uniform_trailing' (..., 999), c = 1000 // steps.
+
+    Where ``steps`` does not divide 1000, ReF-LDM yields an extra step (or a timestep of 1000, out of range);
+    here the count is always ``steps``. The two agree whenever ``steps`` divides 1000.
+    """
     if not 0 < steps <= TRAIN_STEPS:
         raise ValueError(f"steps must be in 1..{TRAIN_STEPS}, got {steps}")
-    c = TRAIN_STEPS // steps
+    offsets = torch.arange(steps) * (TRAIN_STEPS // steps)
     if spacing == "uniform":
-        return torch.arange(0, TRAIN_STEPS, c) + 1
+        if steps == TRAIN_STEPS:
+            raise ValueError(f"'uniform' spacing allows at most {TRAIN_STEPS - 1} steps (it starts at t=1)")
+        return offsets + 1
     if spacing == "uniform_trailing":
-        return torch.arange(TRAIN_STEPS, 0, -c).flip(0) - 1
+        return (TRAIN_STEPS - offsets).flip(0) - 1
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
