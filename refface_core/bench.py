@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import platform
 import resource
 import time
@@ -18,7 +17,8 @@ from .sampling import make_branches, make_solver, run_sampler
 
 def count_flops(model: RefFaceRestorer, stage: Callable[[RefFaceRestorer, Callable], Any]) -> int:
     """FLOPs of ``stage`` run on a meta-device copy of the model: counted, not computed."""
-    meta = copy.deepcopy(model).to("meta")
+    with torch.device("meta"):
+        meta = RefFaceRestorer(model.unet_config, model.vq_config).to(model.dtype)
     with FlopCounterMode(display=False) as counter:
         stage(meta, lambda t: t.to("meta"))
     return counter.get_total_flops()

@@ -1,13 +1,10 @@
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import GOLDEN, weights_of
 
 from refface_core import RefFaceRestorer
-from refface_core.model import convert_refldm, refldm_unet_config, refldm_vq_config
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "refldm"
+from refface_core.model import convert_refldm
 
 
 @pytest.fixture(scope="session")
@@ -25,10 +22,6 @@ def golden():
     return load
 
 
-def weights_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in tensors.items() if not k.startswith(("golden.", "cache."))}
-
-
 @pytest.fixture(scope="session")
 def golden_model(golden):
     """The tiny golden UNet ('tiny' or 'sharp' init) with the tiny golden VQ, converted."""
@@ -41,21 +34,3 @@ def golden_model(golden):
         return models[init]
 
     return get
-
-
-def tiny_restorer(seed: int = 0, sample_size: int = 16) -> RefFaceRestorer:
-    """A small random model (VQ factor 2, so 2·sample_size pixels) with a sharp init, so references matter."""
-    torch.manual_seed(seed)
-    model = RefFaceRestorer(
-        refldm_unet_config(32, (1, 2), (False, True), 1, 8, sample_size=sample_size),
-        refldm_vq_config(32, (1, 2), 1, 8, 8, 64),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()

@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from support import tiny_restorer
 
 from refface_core.cli import main
-
-from .conftest import tiny_restorer
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +68,7 @@ def test_restore_is_reproducible_from_the_seed(files, tmp_path):
         (("--input", "notes.png"), "not a readable image"),
         (("--model", "."), "not a RefFace model folder"),
         (("--out", "restored.xyz"), "unknown image extension"),
+        (("--steps", "0"), "steps must be in 1..1000"),
     ],
 )
 def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, capsys):
@@ -76,7 +76,8 @@ def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, c
     out.write_bytes(b"precious")
     args = restore_args(files, out)
     flag, value = change
-    args[args.index(flag) + 1] = str(tmp_path / value if flag == "--out" else files / value)
+    paths = {"--out": tmp_path, "--input": files, "--model": files}
+    args[args.index(flag) + 1] = str(paths[flag] / value) if flag in paths else value
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("refface: error:") and message in err and len(err.strip().splitlines()) == 1

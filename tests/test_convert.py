@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import GOLDEN, weights_of
 
 from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.cli import main
 from refface_core.model import convert_refldm
 from refface_core.model.unet import refldm_unet_config
 from refface_core.model.vq import refldm_vq_config
-
-from .conftest import GOLDEN, weights_of
 
 
 def full_size_state_dicts():

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from support import tiny_restorer
 
 from refface_core.sampling import Branch, make_branches
-
-from .conftest import tiny_restorer
 
 
 @pytest.fixture(scope="module")

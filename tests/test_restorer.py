@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import tiny_restorer
 
 from refface_core import Cancelled, RefFaceError, RefFaceRestorer
-
-from .conftest import tiny_restorer
 
 
 @pytest.fixture(scope="module")
