@@ -48,6 +48,7 @@ def test_multi_reference_equals_the_papers_formula(setup):
     sizes, handle = unet_batch_sizes(model)
     guided = model.denoiser(lq, refs, make_branches("multi_reference", n, 0, s_i, s_c))(x_t, t)
     handle.remove()
+    assert not guided.requires_grad  # no autograd graph kept across sampling steps
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
     # one reference pass (B·N refs + one ∅), then one batched main pass with (N + 2)·B rows
     assert sizes == [2 * n + 1, (n + 2) * 2]

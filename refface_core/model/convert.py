@@ -29,6 +29,13 @@ IGNORED = re.compile(
     r"|betas|alphas_cumprod(_prev)?|sqrt_(recip_|recipm1_|one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod"
     r"|posterior_(variance|log_variance_clipped|mean_coef1|mean_coef2))$"
 )
+UNET_FIXED = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 RESBLOCK = {
     "in_layers.0": "norm1",
     "in_layers.2": "conv1",
@@ -167,22 +174,15 @@ def _unet_rule(config: dict, head_channels: int) -> Rule:
     per_level = config["layers_per_block"] + 1
 
     def rule(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
-        fixed = {
-            "time_embed.0": "time_embedding.linear_1",
-            "time_embed.2": "time_embedding.linear_2",
-            "input_blocks.0.0": "conv_in",
-            "out.0": "conv_norm_out",
-            "out.2": "conv_out",
-        }
         module, _, param = name.rpartition(".")
-        if module in fixed:
-            return [(f"{fixed[module]}.{param}", t)]
+        if module in UNET_FIXED:
+            return [(f"{UNET_FIXED[module]}.{param}", t)]
         if m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.+)$", name):
             level, j = divmod(int(m.group(1)) - 1, per_level)
             base = f"down_blocks.{level}"
             if j == per_level - 1:
                 return [(f"{base}.downsamplers.0.conv.{m.group(3)[3:]}", t)] if m.group(3).startswith("op.") else None
-            return _unet_part(f"{base}", j, m.group(2), m.group(3), t, head_channels)
+            return _unet_part(base, j, m.group(2), m.group(3), t, head_channels)
         if m := re.match(r"middle_block\.(\d)\.(.+)$", name):
             index = int(m.group(1))
             if index == 1:

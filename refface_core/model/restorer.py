@@ -127,6 +127,7 @@ class RefFaceRestorer(nn.Module):
         cache = None if ref_latents is None else self.reference_kv(ref_latents, branches)
         weights = torch.tensor([branch.weight for branch in branches], device=self.device).view(-1, 1, 1, 1, 1)
 
+        @torch.no_grad()
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
             x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
