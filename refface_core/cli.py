@@ -40,14 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path, help="output model folder")
     convert.set_defaults(run=run_convert)
 
-    restore = commands.add_parser("restore", help="restore an aligned face crop using reference faces")
+    restore = commands.add_parser("restore", help="restore the faces of a photo using reference photos")
     restore.add_argument("--model", required=True, type=Path, help="RefFace model folder (from `refface convert`)")
-    restore.add_argument("--input", required=True, type=Path, help="low-quality aligned face crop")
-    restore.add_argument("--ref", required=True, action="append", type=Path, help="aligned reference face (repeat)")
+    restore.add_argument(
+        "--input", required=True, type=Path, help="the photo to restore (an aligned crop with --aligned)"
+    )
+    restore.add_argument("--ref", required=True, action="append", type=Path, help="photo of the same person (repeat)")
     restore.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, ...)")
+    restore.add_argument("--aligned", action="store_true", help="--input and --ref are aligned square face crops")
+    restore.add_argument("--all-faces", action="store_true", help="restore every face, not only the person's")
+    restore.add_argument("--face", type=int, help="restore only this face (0 = largest; see `refface faces`)")
+    restore.add_argument("--keep-refs", type=int, help="use only the best K references")
+    restore.add_argument("--ref-threshold", type=float, help="same-person similarity threshold (model default)")
+    add_face_models_option(restore)
     add_sampling_options(restore)
     restore.add_argument("--seed", type=int, default=2024, help="noise seed (default 2024, as ReF-LDM)")
     restore.set_defaults(run=run_restore)
+
+    faces = commands.add_parser("faces", help="list the faces found in a photo")
+    faces.add_argument("photo", type=Path)
+    faces.add_argument("--json", action="store_true", help="print a JSON list of bbox, landmarks and score")
+    faces.add_argument("--align", type=Path, metavar="DIR", help="write each aligned 512 crop as a PNG into DIR")
+    add_face_models_option(faces)
+    faces.set_defaults(run=run_faces)
+
+    similarity = commands.add_parser("similarity", help="identity similarity of the main face of each image")
+    similarity.add_argument("images", type=Path, nargs="+", metavar="IMG")
+    similarity.add_argument("--json", action="store_true", help='print {"similarity": [[...]]}')
+    add_face_models_option(similarity)
+    similarity.set_defaults(run=run_similarity)
 
     bench = commands.add_parser("bench", help="time a restore stage by stage (random weights unless --model)")
     bench.add_argument("--model", type=Path, help="RefFace model folder (default: full-size ReF-LDM, random)")
@@ -58,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(bench, steps=100, spacing="uniform")
     bench.set_defaults(run=run_bench)
     return parser
+
+
+def add_face_models_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--face-models",
+        type=Path,
+        metavar="DIR",
+        help="insightface model folder (e.g. buffalo_l) or OpenCV Zoo folder (default: offline YuNet + SFace)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, steps: int = 50, spacing: str = "uniform_trailing") -> None:
@@ -120,25 +150,92 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
     from tqdm.auto import tqdm
 
     from . import RefFaceRestorer
     from .images import check_output_path, load_image, save_image
 
     check_output_path(args.out)
-    lq = load_image(args.input)
+    photo = load_image(args.input)
     refs = [load_image(path) for path in args.ref]
     device, dtype = resolve_device(args)
     model = RefFaceRestorer.from_pretrained(args.model, device=device, dtype=dtype)
     with tqdm(total=args.steps, desc="restoring", unit="step", disable=None) as bar:
 
         def progress(step: int, total: int, *_: object) -> None:
-            bar.total = total
+            if step == 1:
+                bar.reset(total)
             bar.update(step - bar.n)
 
-        restored = model.restore(lq, refs, seed=args.seed, callback=progress, **sampling_options(args))
+        options = dict(seed=args.seed, callback=progress, **sampling_options(args))
+        if args.aligned:
+            restored = model.restore(photo, refs, **options)
+        else:
+            from .faces import load_face_analysis
+            from .pipeline import restore_photo
+
+            def log(message: str) -> None:
+                tqdm.write(message, file=sys.stderr)
+
+            restored = Image.fromarray(
+                restore_photo(
+                    model, load_face_analysis(args.face_models), np.asarray(photo), [np.asarray(r) for r in refs],
+                    reference_names=[str(p) for p in args.ref], all_faces=args.all_faces, face_index=args.face,
+                    keep=args.keep_refs, threshold=args.ref_threshold, log=log, **options,
+                )
+            )  # fmt: skip
     save_image(restored, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_faces(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .faces import align_face, load_face_analysis
+    from .images import load_image, save_image
+
+    photo = np.asarray(load_image(args.photo))
+    faces = load_face_analysis(args.face_models).detect(photo)
+    if args.json:
+        print(json.dumps([face.to_json() for face in faces]))
+    else:
+        print(f"{len(faces)} face(s) in {args.photo}")
+        for i, face in enumerate(faces):
+            x1, y1, x2, y2 = face.bbox
+            print(f"  {i}: box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}), eyes {face.eye_distance:.0f}px apart, "
+                  f"score {face.score:.2f}")  # fmt: skip
+    if args.align:
+        args.align.mkdir(parents=True, exist_ok=True)
+        for i, face in enumerate(faces):
+            save_image(Image.fromarray(align_face(photo, face.landmarks, 512)[0]), args.align / f"face_{i}.png")
+    return 0
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .faces import load_face_analysis
+    from .images import load_image
+
+    analysis = load_face_analysis(args.face_models)
+    embeddings = []
+    for path in args.images:
+        photo = np.asarray(load_image(path))
+        faces = analysis.detect(photo)
+        if not faces:
+            raise RefFaceError(f"no face found in {path}")
+        embeddings.append(analysis.embed(photo, faces[:1])[0])
+    matrix = (np.stack(embeddings) @ np.stack(embeddings).T).round(4).tolist()
+    if args.json:
+        print(json.dumps({"similarity": matrix}))
+        return 0
+    print(f"identity similarity ({analysis.name}; same person above {analysis.same_person_threshold}):")
+    for path, row in zip(args.images, matrix, strict=True):
+        print("  " + " ".join(f"{v:6.3f}" for v in row) + f"  {path}")
     return 0
 
 

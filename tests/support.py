@@ -30,3 +30,61 @@ def tiny_restorer(seed: int = 0, sample_size: int = 16) -> RefFaceRestorer:
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def insightface_stand_ins(folder) -> None:
+    """Write a tiny SCRFD-style detector and ArcFace-style recogniser in insightface's ONNX layout.
+
+    insightface's router takes a model with >= 5 outputs for a detector and one with a square input of
+    at least 112 (divisible by 16) for ArcFace. The detector fires, at stride 32, on bright 32×32 cells.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outputs = [], [], {}
+    for kind, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for stride in (8, 16, 32):
+            name = f"{kind}_{stride}"
+            weight = np.zeros((2 * width, 3, stride, stride), np.float32)
+            bias = np.zeros(2 * width, np.float32)
+            if kind == "score":
+                weight[:] = 12.0 / (3 * stride * stride) if stride == 32 else 0.0
+                bias[:] = -9.0 if stride == 32 else -50.0  # sigmoid(12·mean − 9): bright cells only
+            elif kind == "bbox":
+                bias[:] = 1.0  # one stride on every side of the cell centre
+            else:
+                bias[:] = np.tile([-0.3, -0.2, 0.3, -0.2, 0.0, 0.1, -0.25, 0.4, 0.25, 0.4], 2)
+            inits += [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b")]
+            conv = [f"{name}_conv"]
+            nodes.append(helper.make_node("Conv", ["input.1", f"{name}_w", f"{name}_b"], conv, strides=[stride] * 2))
+            if kind == "score":
+                nodes.append(helper.make_node("Sigmoid", conv, [f"{name}_sig"]))
+                conv = [f"{name}_sig"]
+            nodes.append(helper.make_node("Transpose", conv, [f"{name}_t"], perm=[0, 2, 3, 1]))
+            inits.append(numpy_helper.from_array(np.array([-1, width], np.int64), f"{name}_shape"))
+            nodes.append(helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [name]))
+            outputs[name] = width
+    graph = helper.make_graph(
+        nodes, "scrfd_stand_in",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["A", w]) for n, w in outputs.items()],
+        inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(folder / "det_10g.onnx"))
+
+    projection = numpy_helper.from_array(rng.standard_normal((3 * 4 * 4, 512)).astype(np.float32), "proj")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "flat")
+    graph = helper.make_graph(
+        [
+            helper.make_node("AveragePool", ["data"], ["pooled"], kernel_shape=[28, 28], strides=[28, 28]),
+            helper.make_node("Reshape", ["pooled", "flat"], ["flat_pooled"]),
+            helper.make_node("MatMul", ["flat_pooled", "proj"], ["fc1"]),
+        ],
+        "arcface_stand_in",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 512])],
+        [projection, shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(folder / "w600k_r50.onnx"))

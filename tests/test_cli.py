@@ -25,22 +25,10 @@ def files(tmp_path_factory):
 
 
 def restore_args(files, out, *extra):
-    return [
-        "restore",
-        "--model",
-        str(files / "model"),
-        "--input",
-        str(files / "lq.png"),
-        "--ref",
-        str(files / "ref1.png"),
-        "--ref",
-        str(files / "ref2.png"),
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        *extra,
-    ]
+    """Aligned-crop mode: the files are random pictures, not photos with faces."""
+    return ["restore", "--aligned", "--model", str(files / "model"), "--input", str(files / "lq.png"),
+            "--ref", str(files / "ref1.png"), "--ref", str(files / "ref2.png"), "--out", str(out),
+            "--steps", "3", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("extra", [[], ["--guidance", "multi_reference", "--solver", "dpmpp_2m", "--dtype", "bf16"]])

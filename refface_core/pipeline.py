@@ -1,0 +1,109 @@
+"""Whole photos: find the faces, check the references, restore the person's faces and paste them back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import RefFaceError
+from .faces import FaceAnalysis, align_face, paste_back
+from .faces.references import ReferenceReport, rank_references, sharpness
+from .model import RefFaceRestorer
+
+MIN_EYE_DISTANCE = 32  # px; smaller faces carry too little to restore from
+USABLE_LQ_EYE_DISTANCE = 48  # px; below this the LQ face's embedding is too unreliable to rank references by
+
+
+@dataclass
+class References:
+    crops: list[np.ndarray]  # aligned, best first, flagged ones left out
+    embeddings: np.ndarray  # of ``crops``
+    reports: list[ReferenceReport]  # every reference, best first
+
+
+def prepare_references(
+    analysis: FaceAnalysis,
+    photos: Sequence[np.ndarray],
+    size: int,
+    names: Sequence[str] | None = None,
+    keep: int | None = None,
+    threshold: float | None = None,
+    lq_embedding: np.ndarray | None = None,
+) -> References:
+    """Align the main (largest) face of each reference photo, rank them, and drop likely other people."""
+    names = names or [f"reference {i}" for i in range(len(photos))]
+    crops, embeddings, eye_distances = [], [], []
+    for photo, name in zip(photos, names, strict=True):
+        faces = analysis.detect(photo)
+        if not faces:
+            raise RefFaceError(f"no face found in {name}")
+        crops.append(align_face(photo, faces[0].landmarks, size)[0])
+        embeddings.append(analysis.embed(photo, faces[:1])[0])
+        eye_distances.append(faces[0].eye_distance)
+    embeddings = np.stack(embeddings)
+    threshold = analysis.same_person_threshold if threshold is None else threshold
+    reports = rank_references(embeddings, eye_distances, [sharpness(c) for c in crops], threshold, lq_embedding)
+    used = [r.index for r in reports if not r.flagged][:keep]
+    return References([crops[i] for i in used], embeddings[used], reports)
+
+
+def restore_photo(
+    restorer: RefFaceRestorer,
+    analysis: FaceAnalysis,
+    photo: np.ndarray,
+    reference_photos: Sequence[np.ndarray],
+    reference_names: Sequence[str] | None = None,
+    all_faces: bool = False,
+    face_index: int | None = None,
+    keep: int | None = None,
+    threshold: float | None = None,
+    log: Callable[[str], None] = print,
+    **sample_options: Any,
+) -> np.ndarray:
+    """Restore the faces of ``photo`` that match the references (or all, or one by index) and paste them back."""
+    faces = analysis.detect(photo)
+    if not faces:
+        raise RefFaceError("no face found in the photo (for an aligned face crop, use --aligned)")
+    if face_index is not None and not 0 <= face_index < len(faces):
+        raise RefFaceError(f"face {face_index} does not exist: the photo has {len(faces)} (0..{len(faces) - 1})")
+    threshold = analysis.same_person_threshold if threshold is None else threshold
+    embeddings = analysis.embed(photo, faces)
+
+    single = face_index if face_index is not None else (0 if len(faces) == 1 else None)
+    lq_embedding = None
+    if single is not None and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
+        lq_embedding = embeddings[single]
+    refs = prepare_references(
+        analysis, reference_photos, restorer.image_size, reference_names, keep, threshold, lq_embedding
+    )
+    for report in refs.reports:
+        log(report.describe())
+    if not refs.crops:
+        raise RefFaceError("every reference was flagged as another person; check the reference photos")
+
+    identity = refs.embeddings.mean(0)
+    similarity = embeddings @ (identity / np.linalg.norm(identity))
+    if face_index is not None:
+        targets = [face_index]
+    elif all_faces:
+        targets = list(range(len(faces)))
+    else:
+        targets = [i for i in range(len(faces)) if similarity[i] >= threshold]
+        if not targets:
+            raise RefFaceError(
+                f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
+                f"threshold {threshold:.3f}); use --all-faces or --face N to restore anyway"
+            )
+    restored = photo
+    for i in targets:
+        face = faces[i]
+        if face.eye_distance < MIN_EYE_DISTANCE:
+            log(f"face {i}: skipped, too small to restore ({face.eye_distance:.0f}px between the eyes)")
+            continue
+        log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
+        crop, affine = align_face(photo, face.landmarks, restorer.image_size)
+        restored = paste_back(restored, restorer.restore(crop, refs.crops, **sample_options), affine)
+    return restored
