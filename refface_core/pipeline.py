@@ -97,6 +97,7 @@ def restore_photo(
                 f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
                 f"threshold {threshold:.3f}); use --all-faces or --face N to restore anyway"
             )
+    ref_latents = restorer.encode_reference_faces(refs.crops)  # once for every face of the person
     restored = photo
     for i in targets:
         face = faces[i]
@@ -105,5 +106,5 @@ def restore_photo(
             continue
         log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
         crop, affine = align_face(photo, face.landmarks, restorer.image_size)
-        restored = paste_back(restored, restorer.restore(crop, refs.crops, **sample_options), affine)
+        restored = paste_back(restored, restorer.restore(crop, ref_latents, **sample_options), affine)
     return restored

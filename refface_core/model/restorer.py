@@ -200,23 +200,29 @@ class RefFaceRestorer(nn.Module):
         denoise = self.denoiser(lq_latent, ref_latents, branches)
         return run_sampler(denoise, x_T.float().to(self.device), solve, callback, cancel)
 
+    def encode_reference_faces(self, reference_faces: Sequence[ImageLike], layout: str = "strip") -> torch.Tensor:
+        """Aligned reference crops -> reference latents [1,N,C,h,w], reusable across restores of one person."""
+        if not reference_faces:
+            raise RefFaceError("at least one reference face is needed")
+        size = self.image_size
+        refs = torch.stack([to_model_tensor(r, size)[0] for r in reference_faces])[None]
+        return self.encode_references(refs, layout)
+
     def restore(
         self,
         lq_face: ImageLike,
-        reference_faces: Sequence[ImageLike],
+        reference_faces: Sequence[ImageLike] | torch.Tensor,
         seed: int = 2024,
         ref_layout: str = "strip",
         **sample_options: Any,
     ) -> ImageLike:
-        """Restore one aligned face crop with aligned reference crops; returns the kind of image given."""
-        if not reference_faces:
-            raise RefFaceError("at least one reference face is needed")
-        size = self.image_size
-        lq = to_model_tensor(lq_face, size)
-        refs = torch.stack([to_model_tensor(r, size)[0] for r in reference_faces])[None]
+        """Restore one aligned face crop with aligned reference crops (or their latents from
+        ``encode_reference_faces``); returns the kind of image given."""
+        if not isinstance(reference_faces, torch.Tensor):
+            reference_faces = self.encode_reference_faces(reference_faces, ref_layout)
+        lq = to_model_tensor(lq_face, self.image_size)
         generator = torch.Generator().manual_seed(seed)
-        ref_latents = self.encode_references(refs, ref_layout)
-        latent = self.sample(self.encode(lq), ref_latents, generator=generator, **sample_options)
+        latent = self.sample(self.encode(lq), reference_faces, generator=generator, **sample_options)
         return from_model_tensor(self.decode(latent), like=lq_face)
 
 
