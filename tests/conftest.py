@@ -1,7 +1,14 @@
+import os
+import tempfile
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from support import GOLDEN, weights_of
+
+# Face tests use the offline default models, whatever insightface packs this machine has.
+os.environ["INSIGHTFACE_HOME"] = tempfile.mkdtemp(prefix="refface-no-insightface-")
+os.environ.pop("REFFACE_FACE_MODELS", None)
 
 from refface_core import RefFaceRestorer
 from refface_core.model import convert_refldm

