@@ -76,11 +76,10 @@ def restore_photo(
     lq_embedding = None
     if single is not None and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
         lq_embedding = embeddings[single]
-    refs = prepare_references(
-        analysis, reference_photos, restorer.image_size, reference_names, keep, threshold, lq_embedding
-    )
+    names = reference_names or [f"reference {i}" for i in range(len(reference_photos))]
+    refs = prepare_references(analysis, reference_photos, restorer.image_size, names, keep, threshold, lq_embedding)
     for report in refs.reports:
-        log(report.describe())
+        log(f"{names[report.index]}: {report.describe()}")
     if not refs.crops:
         raise RefFaceError("every reference was flagged as another person; check the reference photos")
 

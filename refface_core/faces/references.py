@@ -23,7 +23,7 @@ class ReferenceReport:
     flagged: bool  # probably another person
 
     def describe(self) -> str:
-        parts = [f"reference {self.index}: score {self.score:.3f}"]
+        parts = [f"score {self.score:.3f}"]
         if self.agreement is not None:
             parts.append(f"agreement {self.agreement:.3f}")
         if self.similarity_to_lq is not None:
