@@ -1,4 +1,5 @@
-from .convert import convert_refldm, load_checkpoint
+from ..checkpoints import load_checkpoint
+from .convert import convert_refldm
 from .restorer import RefFaceRestorer
 from .unet import CacheKV, KVRecorder, refldm_unet_config
 from .vq import refldm_vq_config

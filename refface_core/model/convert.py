@@ -6,18 +6,14 @@ Every source tensor is either converted or belongs to a known group that inferen
 
 from __future__ import annotations
 
-import os
-import pickle
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from ..checkpoints import weight_problems
 from ..errors import RefFaceError, listing
-from .restorer import RefFaceRestorer, weight_problems
+from .restorer import RefFaceRestorer
 from .unet import refldm_unet_config
 from .vq import refldm_vq_config
 
@@ -48,35 +44,6 @@ VQ_RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "c
 VQ_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 Converted = dict[str, tuple[str, torch.Tensor]]  # target name -> (source name, tensor)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat name -> tensor dict from .safetensors, or .ckpt loaded with weights_only (Lightning's
-    ``state_dict`` entry unwrapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RefFaceError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RefFaceError(
-            f"cannot load {path} as a checkpoint ({first_line}). "
-            "RefFace reads .safetensors, or .ckpt files that torch.load opens with weights_only=True."
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise RefFaceError(f"{path} does not hold a state dict")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _is_zip(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(2) == b"PK"
 
 
 def convert_refldm(

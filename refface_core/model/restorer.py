@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoints import weight_problems
 from ..errors import RefFaceError, listing
 from ..files import write_atomic
 from ..images import ImageLike, from_model_tensor, to_model_tensor
@@ -224,17 +225,3 @@ class RefFaceRestorer(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         latent = self.sample(self.encode(lq), reference_faces, generator=generator, **sample_options)
         return from_model_tensor(self.decode(latent), like=lq_face)
-
-
-def weight_problems(
-    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], name: Callable[[str], str] = str
-) -> list[str]:
-    """Missing, unexpected and mis-shaped tensors of ``given``; ``name`` says what to call a given key."""
-    problems = [f"missing: {k}" for k in expected if k not in given]
-    problems += [f"unexpected: {name(k)}" for k in given if k not in expected]
-    problems += [
-        f"shape of {name(k)}: {tuple(t.shape)}, expected {tuple(expected[k].shape)}"
-        for k, t in given.items()
-        if k in expected and t.shape != expected[k].shape
-    ]
-    return problems
