@@ -6,19 +6,22 @@ import platform
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import RefFaceRestorer
+
+if TYPE_CHECKING:
+    from .context.farl import FaRLEncoder
 from .sampling import make_branches, make_solver, run_sampler
 
 
 def count_flops(model: RefFaceRestorer, stage: Callable[[RefFaceRestorer, Callable], Any]) -> int:
     """FLOPs of ``stage`` run on a meta-device copy of the model: counted, not computed."""
     with torch.device("meta"):
-        meta = RefFaceRestorer(model.unet_config, model.vq_config).to(model.dtype)
+        meta = RefFaceRestorer(model.unet_config, model.vq_config, model.context_config).to(model.dtype)
     with FlopCounterMode(display=False) as counter:
         stage(meta, lambda t: t.to("meta"))
     return counter.get_total_flops()
@@ -37,8 +40,10 @@ def run_bench(
     s_i: float = 1.2,
     s_c: float = 1.2,
     ref_slots: int | None = None,
+    farl: FaRLEncoder | None = None,
 ) -> dict[str, Any]:
-    """Benchmark one restore of ``batch`` faces with ``refs`` references each, on random inputs."""
+    """Benchmark one restore of ``batch`` faces with ``refs`` references each, on random inputs.
+    For a model with Composite Context, ``farl`` defaults to a randomly initialised FaRL ViT-B/16."""
     device = model.device
     cuda = device.type == "cuda"
     size = model.image_size
@@ -46,11 +51,19 @@ def run_bench(
     lq = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
     ref_images = torch.rand(batch, refs, 3, size, size, generator=gen) * 2 - 1
     branches = make_branches(guidance, refs, scale, s_i, s_c, ref_slots)
-    rows = len(branches) * batch
-    passes = batch * refs + any(b.refs is None for b in branches)
+    rows, passes = len(branches) * batch, batch * refs + 1
+    timesteps = len(make_solver(solver, steps, spacing).timesteps)
+    encoder = model.context_encoder
+    if encoder is not None and farl is None:
+        farl = random_farl().to(device=device, dtype=model.dtype)
 
     def encode(m: RefFaceRestorer, put: Callable) -> tuple[torch.Tensor, torch.Tensor]:
         return m.encode(put(lq)), m.encode_references(put(ref_images))
+
+    def encode_context() -> torch.Tensor:
+        identity = torch.randn(batch * refs, encoder.identity_dim, generator=gen).to(device)
+        appearance = farl.hidden_states(ref_images.flatten(0, 1).to(device), encoder.appearance_layers)
+        return encoder(identity, appearance).unflatten(0, (batch, refs))
 
     def sync() -> None:
         if cuda:
@@ -69,31 +82,40 @@ def run_bench(
 
     for _ in range(warmup if warmup is not None else (1 if cuda else 0)):
         lq_lat, ref_lat = encode(model, lambda t: t)
-        denoise = model.denoiser(lq_lat, ref_lat, branches)
+        tokens = encode_context() if encoder is not None else None
+        denoise = model.denoiser(lq_lat, ref_lat, branches, tokens)
         run_sampler(denoise, torch.randn(lq_lat.shape, generator=gen).to(device), make_solver(solver, 2, spacing))
         model.decode(lq_lat)
 
     (lq_lat, ref_lat), t_encode, m_encode = timed(lambda: encode(model, lambda t: t))
-    denoise, t_prep, m_prep = timed(lambda: model.denoiser(lq_lat, ref_lat, branches))
+    tokens, t_context, m_context = timed(encode_context) if encoder is not None else (None, 0.0, 0)
+    f_context = 0
+    if encoder is not None:
+        with FlopCounterMode(display=False) as counter:
+            encode_context()
+        f_context = counter.get_total_flops()
+    denoise, t_prep, m_prep = timed(lambda: model.denoiser(lq_lat, ref_lat, branches, tokens))
     x_T = torch.randn(lq_lat.shape, generator=gen).to(device)
-    latent, t_sample, m_sample = timed(lambda: run_sampler(denoise, x_T, make_solver(solver, steps, spacing)))
+    solve = make_solver(solver, steps, spacing)
+    latent, t_sample, m_sample = timed(lambda: run_sampler(denoise, x_T, solve))
     _, t_decode, m_decode = timed(lambda: model.decode(latent))
-    timesteps = len(make_solver(solver, steps, spacing).timesteps)
 
     lat_shape, ref_shape = lq_lat.shape, ref_lat.shape
+
+    def step_flops(with_context: bool) -> int:
+        def stage(m: RefFaceRestorer, put: Callable) -> None:
+            ctx = put(tokens) if with_context else None
+            m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches, ctx)(
+                put(torch.zeros(lat_shape)), 500
+            )
+
+        return count_flops(model, stage)
+
     f_encode = count_flops(model, encode)
     f_prep = count_flops(
         model, lambda m, put: m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches)
     )
-    f_step = (
-        count_flops(
-            model,
-            lambda m, put: m.denoiser(put(torch.zeros(lat_shape)), put(torch.zeros(ref_shape)), branches)(
-                put(torch.zeros(lat_shape)), 500
-            ),
-        )
-        - f_prep
-    )
+    f_step = step_flops(encoder is not None) - f_prep
     f_decode = count_flops(model, lambda m, put: m.decode(put(torch.zeros(lat_shape))))
 
     stages = [
@@ -102,11 +124,13 @@ def run_bench(
         ("sampling", t_sample, f_step * timesteps, rows * timesteps, m_sample),
         ("decode", t_decode, f_decode, 0, m_decode),
     ]
+    if encoder is not None:
+        stages.insert(1, ("context_encode", t_context, f_context, 0, m_context))
     result = {
         "config": {
             "device": torch.cuda.get_device_name(device)
             if cuda
-            else f"cpu ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)",
+            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
             "dtype": str(model.dtype).removeprefix("torch."),
             "image_size": size,
             "batch": batch,
@@ -141,7 +165,27 @@ def run_bench(
         else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_memory_kind": "CUDA max allocated" if cuda else "process max RSS",
     }
+    if encoder is not None:
+        plain = model.denoiser(lq_lat, ref_lat, branches)
+        with_context = [timed(lambda: denoise(x_T, 500))[1] for _ in range(3)]
+        without = [timed(lambda: plain(x_T, 500))[1] for _ in range(3)]
+        result["context"] = {
+            "tokens_per_reference": encoder.num_tokens,
+            "encode_seconds_per_reference": round(t_context / (batch * refs), 4),
+            "extra_seconds_per_unet_call": round(min(with_context) - min(without), 4),
+            "extra_gflop_per_unet_call": round((f_step - (step_flops(False) - f_prep)) / 1e9, 2),
+            "unet_rows_per_call": rows,
+        }
     return result
+
+
+def random_farl() -> FaRLEncoder:
+    """FaRL's architecture (CLIP ViT-B/16 at 224 px) with random weights, for timing."""
+    from transformers import CLIPVisionConfig
+
+    from .context.farl import FaRLEncoder
+
+    return FaRLEncoder(CLIPVisionConfig(hidden_act="quick_gelu", projection_dim=512))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -158,4 +202,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"per face: {result['total']['seconds_per_face']:.3f} s; peak memory: {result['total']['peak_memory_kind']}"
     )
+    if c := result.get("context"):
+        lines.append(
+            f"Composite Context: {c['tokens_per_reference']} tokens/reference, encoder "
+            f"{c['encode_seconds_per_reference']:.3f} s/reference, +{c['extra_seconds_per_unet_call']:.3f} s and "
+            f"+{c['extra_gflop_per_unet_call']:.1f} GFLOP per UNet call ({c['unet_rows_per_call']} rows)"
+        )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (RefFaceError, ValueError) as e:  # the library raises ValueError for out-of-range options
+    except (RefFaceError, ValueError, OSError) as e:  # ValueError: out-of-range options; OSError: files
         print(f"refface: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--num-head-channels", type=int, default=32, help="attention head size (default 32)")
     convert.add_argument("--no-ema", action="store_true", help="use the raw UNet weights instead of the EMA ones")
     convert.add_argument("--out", required=True, type=Path, help="output model folder")
+    convert.add_argument(
+        "--add-composite-context",
+        action="store_true",
+        help="add zero-initialised Composite Context layers (ArcFace + FaRL ViT-B/16), ready for fine-tuning",
+    )
     convert.set_defaults(run=run_convert)
 
     restore = commands.add_parser("restore", help="restore the faces of a photo using reference photos")
@@ -52,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--face", type=int, help="restore only this face (0 = largest; see `refface faces`)")
     restore.add_argument("--keep-refs", type=int, help="use only the best K references")
     restore.add_argument("--ref-threshold", type=float, help="same-person similarity threshold (model default)")
+    restore.add_argument("--farl", type=Path, help="FaRL checkpoint, for models with Composite Context")
+    restore.add_argument("--context-scale", type=float, default=1.0, help="Composite Context strength (0 = off)")
     add_face_models_option(restore)
     add_sampling_options(restore)
     restore.add_argument("--seed", type=int, default=2024, help="noise seed (default 2024, as ReF-LDM)")
@@ -76,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1, help="faces per batch (default 1)")
     bench.add_argument("--warmup", type=int, help="warm-up runs (default 1 on CUDA, 0 on CPU)")
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    bench.add_argument("--composite-context", action="store_true", help="add Composite Context layers (random)")
+    bench.add_argument("--farl", type=Path, help="FaRL checkpoint (default for context models: random ViT-B/16)")
     add_sampling_options(bench, steps=100, spacing="uniform")
     bench.set_defaults(run=run_bench)
     return parser
@@ -86,7 +95,8 @@ def add_face_models_option(parser: argparse.ArgumentParser) -> None:
         "--face-models",
         type=Path,
         metavar="DIR",
-        help="insightface model folder (e.g. buffalo_l) or OpenCV Zoo folder (default: offline YuNet + SFace)",
+        help="insightface model folder (e.g. buffalo_l) or OpenCV Zoo folder (default: $REFFACE_FACE_MODELS, else a "
+        "pack in ~/.insightface/models, else the offline YuNet + SFace)",
     )
 
 
@@ -141,11 +151,18 @@ def run_convert(args: argparse.Namespace) -> int:
     model = convert_refldm(
         load_checkpoint(args.refldm_unet), load_checkpoint(args.refldm_vq), args.num_head_channels, not args.no_ema
     )
+    if args.add_composite_context:
+        from .context import composite_context_config
+
+        model.add_composite_context(composite_context_config())
     model.save_pretrained(args.out)
     unet_params = sum(p.numel() for p in model.unet.parameters())
     vq_params = sum(p.numel() for p in model.vq.parameters())
     weights = "raw" if args.no_ema else "EMA"
-    print(f"wrote {args.out} (UNet {unet_params:,} parameters, {weights} weights; VQ {vq_params:,} parameters)")
+    context = "" if model.context_encoder is None else ", with zero-initialised Composite Context layers"
+    print(
+        f"wrote {args.out} (UNet {unet_params:,} parameters, {weights} weights; VQ {vq_params:,} parameters{context})"
+    )
     return 0
 
 
@@ -169,9 +186,25 @@ def run_restore(args: argparse.Namespace) -> int:
                 bar.reset(total)
             bar.update(step - bar.n)
 
-        options = dict(seed=args.seed, callback=progress, **sampling_options(args))
+        options = dict(seed=args.seed, callback=progress, context_scale=args.context_scale, **sampling_options(args))
+        farl = None
+        if model.context_encoder is not None:
+            from .context.farl import load_farl
+
+            if args.farl is None:
+                raise RefFaceError("this model has Composite Context: give its FaRL checkpoint with --farl FILE")
+            farl = load_farl(args.farl, device=device, dtype=dtype)
         if args.aligned:
-            restored = model.restore(photo, refs, **options)
+            identity = None
+            if farl is not None:
+                from .faces import load_face_analysis
+                from .pipeline import main_face_embeddings
+
+                ref_arrays = [np.asarray(r) for r in refs]
+                identity = main_face_embeddings(
+                    load_face_analysis(args.face_models), ref_arrays, [str(p) for p in args.ref]
+                )
+            restored = model.restore(photo, refs, identity=identity, farl=farl, **options)
         else:
             from .faces import load_face_analysis
             from .pipeline import restore_photo
@@ -183,7 +216,7 @@ def run_restore(args: argparse.Namespace) -> int:
                 restore_photo(
                     model, load_face_analysis(args.face_models), np.asarray(photo), [np.asarray(r) for r in refs],
                     reference_names=[str(p) for p in args.ref], all_faces=args.all_faces, face_index=args.face,
-                    keep=args.keep_refs, threshold=args.ref_threshold, log=log, **options,
+                    keep=args.keep_refs, threshold=args.ref_threshold, farl=farl, log=log, **options,
                 )
             )  # fmt: skip
     save_image(restored, args.out)
@@ -220,16 +253,12 @@ def run_similarity(args: argparse.Namespace) -> int:
 
     from .faces import load_face_analysis
     from .images import load_image
+    from .pipeline import main_face_embeddings
 
     analysis = load_face_analysis(args.face_models)
-    embeddings = []
-    for path in args.images:
-        photo = np.asarray(load_image(path))
-        faces = analysis.detect(photo)
-        if not faces:
-            raise RefFaceError(f"no face found in {path}")
-        embeddings.append(analysis.embed(photo, faces[:1])[0])
-    matrix = (np.stack(embeddings) @ np.stack(embeddings).T).round(4).tolist()
+    photos = [np.asarray(load_image(path)) for path in args.images]
+    embeddings = main_face_embeddings(analysis, photos, [str(p) for p in args.images])
+    matrix = (embeddings @ embeddings.T).round(4).tolist()
     if args.json:
         print(json.dumps({"similarity": matrix}))
         return 0
@@ -244,11 +273,23 @@ def run_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
 
     device, dtype = resolve_device(args)
+    if args.json and not args.json.parent.is_dir():
+        raise RefFaceError(f"folder for --json does not exist: {args.json.parent}")
     if args.model:
         model = RefFaceRestorer.from_pretrained(args.model, device=device, dtype=dtype)
     else:
         model = RefFaceRestorer().to(device=device, dtype=dtype).eval()
-    result = run_bench(model, refs=args.refs, batch=args.batch, warmup=args.warmup, **sampling_options(args))
+    if args.composite_context and model.context_encoder is None:
+        from .context import composite_context_config
+
+        model.add_composite_context(composite_context_config())
+    farl = None
+    if args.farl:
+        from .context.farl import load_farl
+
+        farl = load_farl(args.farl, device=device, dtype=dtype)
+    options = sampling_options(args)
+    result = run_bench(model, refs=args.refs, batch=args.batch, warmup=args.warmup, farl=farl, **options)
     print(format_table(result))
     text = json.dumps(result, indent=2)
     print(text)

@@ -28,7 +28,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise RefFaceError(f"not a readable image: {path} ({e})") from None
 
 
@@ -40,13 +40,14 @@ def to_model_tensor(image: ImageLike, size: int) -> torch.Tensor:
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    x = image.float()
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise RefFaceError(f"expected an H×W×3 RGB array, got shape {image.shape}")
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: PIL-backed arrays are read-only
+    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[:2] != (1, 3):
-        raise RefFaceError(f"expected one RGB image, got a tensor of shape {tuple(image.shape)}")
+        raise RefFaceError(f"expected one RGB image, got shape {tuple(image.shape)}")
     h, w = x.shape[-2:]
     if h != w:
         raise RefFaceError(f"expected a square, aligned face crop, got {w}×{h}")
@@ -72,8 +73,9 @@ def check_output_path(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.parent.is_dir():
         raise RefFaceError(f"output folder does not exist: {path.parent}")
+    Image.init()
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
+    if fmt not in Image.SAVE or fmt in ("XBM", "PALM", "PDF", "EPS"):
         raise RefFaceError(f"unknown image extension {path.suffix!r} for {path}; use .png or .jpg")
     return fmt
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from .errors import RefFaceError
 from .faces import FaceAnalysis, align_face, paste_back
 from .faces.references import ReferenceReport, rank_references, sharpness
 from .model import RefFaceRestorer
+
+if TYPE_CHECKING:
+    from .context.farl import FaRLEncoder
 
 MIN_EYE_DISTANCE = 32  # px; smaller faces carry too little to restore from
 USABLE_LQ_EYE_DISTANCE = 48  # px; below this the LQ face's embedding is too unreliable to rank references by
@@ -34,20 +37,27 @@ def prepare_references(
     lq_embedding: np.ndarray | None = None,
 ) -> References:
     """Align the main (largest) face of each reference photo, rank them, and drop likely other people."""
+    if keep is not None and keep < 1:
+        raise RefFaceError(f"keeping {keep} references leaves none; keep at least 1")
     names = names or [f"reference {i}" for i in range(len(photos))]
     crops, embeddings, eye_distances = [], [], []
     for photo, name in zip(photos, names, strict=True):
-        faces = analysis.detect(photo)
-        if not faces:
-            raise RefFaceError(f"no face found in {name}")
-        crops.append(align_face(photo, faces[0].landmarks, size)[0])
-        embeddings.append(analysis.embed(photo, faces[:1])[0])
-        eye_distances.append(faces[0].eye_distance)
+        face = analysis.main_face(photo, name)
+        crops.append(align_face(photo, face.landmarks, size)[0])
+        embeddings.append(analysis.embed(photo, [face])[0])
+        eye_distances.append(face.eye_distance)
     embeddings = np.stack(embeddings)
     threshold = analysis.same_person_threshold if threshold is None else threshold
     reports = rank_references(embeddings, eye_distances, [sharpness(c) for c in crops], threshold, lq_embedding)
     used = [r.index for r in reports if not r.flagged][:keep]
     return References([crops[i] for i in used], embeddings[used], reports)
+
+
+def main_face_embeddings(analysis: FaceAnalysis, images: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """Identity embedding of the main (largest) face of each image [len(images), dim]."""
+    return np.stack(
+        [analysis.embed(image, [analysis.main_face(image, name)])[0] for image, name in zip(images, names, strict=True)]
+    )
 
 
 def restore_photo(
@@ -60,10 +70,12 @@ def restore_photo(
     face_index: int | None = None,
     keep: int | None = None,
     threshold: float | None = None,
+    farl: FaRLEncoder | None = None,
     log: Callable[[str], None] = print,
     **sample_options: Any,
 ) -> np.ndarray:
-    """Restore the faces of ``photo`` that match the references (or all, or one by index) and paste them back."""
+    """Restore the faces of ``photo`` that match the references (or all, or one by index) and paste them back.
+    Composite Context models also need ``farl``; the references' identity comes from ``analysis``."""
     faces = analysis.detect(photo)
     if not faces:
         raise RefFaceError("no face found in the photo (for an aligned face crop, use --aligned)")
@@ -96,8 +108,8 @@ def restore_photo(
                 f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
                 f"threshold {threshold:.3f}); use --all-faces or --face N to restore anyway"
             )
-    ref_latents = restorer.encode_reference_faces(refs.crops)  # once for every face of the person
-    restored = photo
+    context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
+    restored, done = photo, 0
     for i in targets:
         face = faces[i]
         if face.eye_distance < MIN_EYE_DISTANCE:
@@ -105,5 +117,8 @@ def restore_photo(
             continue
         log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
         crop, affine = align_face(photo, face.landmarks, restorer.image_size)
-        restored = paste_back(restored, restorer.restore(crop, ref_latents, **sample_options), affine)
+        restored = paste_back(restored, restorer.restore(crop, context, **sample_options), affine)
+        done += 1
+    if not done:
+        raise RefFaceError(f"no face restored: every chosen face is under {MIN_EYE_DISTANCE}px between the eyes")
     return restored

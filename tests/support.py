@@ -88,3 +88,41 @@ def insightface_stand_ins(folder) -> None:
         [projection, shape],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(folder / "w600k_r50.onnx"))
+
+
+def farl_state_dict(width: int = 64, layers: int = 2, seed: int = 0) -> dict:
+    """Random weights in FaRL's public layout (OpenAI-CLIP names; image tower under visual.*, text tower beside)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    state = {
+        "visual.class_embedding": rand(width),
+        "visual.positional_embedding": rand(197, width),
+        "visual.conv1.weight": rand(width, 3, 16, 16),
+        "visual.ln_pre.weight": 1 + rand(width), "visual.ln_pre.bias": rand(width),
+        "visual.ln_post.weight": 1 + rand(width), "visual.ln_post.bias": rand(width),
+        "visual.proj": rand(width, 32),
+        "token_embedding.weight": rand(10, 32), "ln_final.weight": rand(32), "logit_scale": rand(()),
+    }  # fmt: skip
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        state |= {
+            p + "ln_1.weight": 1 + rand(width), p + "ln_1.bias": rand(width),
+            p + "attn.in_proj_weight": rand(3 * width, width), p + "attn.in_proj_bias": rand(3 * width),
+            p + "attn.out_proj.weight": rand(width, width), p + "attn.out_proj.bias": rand(width),
+            p + "ln_2.weight": 1 + rand(width), p + "ln_2.bias": rand(width),
+            p + "mlp.c_fc.weight": rand(4 * width, width), p + "mlp.c_fc.bias": rand(4 * width),
+            p + "mlp.c_proj.weight": rand(width, 4 * width), p + "mlp.c_proj.bias": rand(width),
+        }  # fmt: skip
+    return state
+
+
+def tiny_context_config(identity_encoder: str = "sface", identity_dim: int = 128) -> dict:
+    from refface_core.context import composite_context_config
+
+    return composite_context_config(
+        width=32, identity_encoder=identity_encoder, identity_dim=identity_dim, identity_tokens=2,
+        appearance_encoder="farl-tiny", appearance_width=64, appearance_layers=(1, 2), appearance_grid=2,
+    )  # fmt: skip

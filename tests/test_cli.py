@@ -103,3 +103,23 @@ def test_bench_reports_stages(files, tmp_path, capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "refface_core", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "restore" in result.stdout and "convert" in result.stdout
+
+
+def test_bench_reports_what_the_composite_context_adds(tmp_path, capsys):
+    import torch
+    from support import farl_state_dict, tiny_context_config
+
+    model = tiny_restorer(seed=4)
+    model.add_composite_context(tiny_context_config())
+    model.save_pretrained(tmp_path / "cc")
+    torch.save({"state_dict": farl_state_dict()}, tmp_path / "farl.pth")
+    report = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tmp_path / "cc"), "--farl", str(tmp_path / "farl.pth"), "--refs", "2",
+            "--steps", "2", "--json", str(report)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    assert "context_encode" in result["stages"] and result["stages"]["context_encode"]["gflop"] > 0
+    context = result["context"]
+    assert context["tokens_per_reference"] == 12 and context["encode_seconds_per_reference"] > 0
+    assert context["extra_gflop_per_unet_call"] > 0 and context["unet_rows_per_call"] == 2
+    assert "Composite Context: 12 tokens/reference" in capsys.readouterr().out

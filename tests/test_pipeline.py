@@ -68,3 +68,37 @@ def test_reference_without_a_face(model_dir, tmp_path, capsys):
             "--out", str(tmp_path / "o.png")]  # fmt: skip
     assert main(args) == 1
     assert f"no face found in {blank}" in capsys.readouterr().err
+
+
+def test_composite_context_model_restores_a_photo(tmp_path, capsys):
+    import torch
+    from support import farl_state_dict, tiny_context_config
+
+    model = tiny_restorer(seed=7)
+    model.add_composite_context(tiny_context_config())  # identity from the offline SFace (128-d)
+    model.save_pretrained(tmp_path / "cc")
+    torch.save({"state_dict": farl_state_dict()}, tmp_path / "farl.pth")
+    out = tmp_path / "restored.png"
+    assert restore(tmp_path / "cc", DATA / "macron_2.jpg", ["macron_1"], out) == 1
+    assert "give its FaRL checkpoint with --farl FILE" in capsys.readouterr().err
+    assert restore(tmp_path / "cc", DATA / "macron_2.jpg", ["macron_1"], out, "--farl", str(tmp_path / "farl.pth")) == 0
+    assert load_image(out).size == load_image(DATA / "macron_2.jpg").size
+
+
+def test_convert_can_add_composite_context(tmp_path, golden, capsys):
+    import torch
+    from support import weights_of
+
+    torch.save(weights_of(golden("unet_tiny_sharp")), tmp_path / "refldm.ckpt")
+    torch.save({"state_dict": weights_of(golden("vq_tiny"))}, tmp_path / "vqgan.ckpt")
+    args = ["convert", "--refldm-unet", str(tmp_path / "refldm.ckpt"), "--refldm-vq", str(tmp_path / "vqgan.ckpt"),
+            "--num-head-channels", "8", "--no-ema", "--out", str(tmp_path / "model"),
+            "--add-composite-context"]  # fmt: skip
+    assert main(args) == 0
+    assert "zero-initialised Composite Context" in capsys.readouterr().out
+    from refface_core import RefFaceRestorer
+
+    model = RefFaceRestorer.from_pretrained(tmp_path / "model")
+    assert model.context_config["identity_encoder"] == "arcface" and model.context_config["identity_dim"] == 512
+    assert model.context_config["appearance_width"] == 768
+    assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "to_out_ctx" in n)

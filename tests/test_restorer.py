@@ -113,7 +113,7 @@ def test_restore_accepts_pil_numpy_and_tensor(model):
     assert np.array_equal(np.asarray(out_pil), out_np)
     out_t = model.restore(torch.from_numpy(face).permute(2, 0, 1) / 255.0, [ref], **options)
     assert out_t.shape == (3, 32, 32) and 0 <= out_t.min() and out_t.max() <= 1
-    reused = model.encode_reference_faces([ref])  # reference work done once for many restores
+    reused = model.encode_context([ref])  # reference work done once for many restores
     assert np.array_equal(model.restore(face, reused, **options), out_np)
     with pytest.raises(RefFaceError, match="square"):
         model.restore(face[:, :40], [ref], **options)

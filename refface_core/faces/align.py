@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import RefFaceError
+
 # The 5-point template of FFHQ-aligned 512×512 faces used by restoration models (facexlib's face_template),
 # in insightface landmark order: image-left eye, image-right eye, nose tip, left and right mouth corners.
 FFHQ_TEMPLATE_512 = np.array(
@@ -18,6 +20,8 @@ def alignment_transform(landmarks: np.ndarray, size: int = 512) -> np.ndarray:
     """The 2×3 similarity transform taking a face's 5 landmarks onto the template at ``size`` pixels."""
     template = FFHQ_TEMPLATE_512 * (size / 512)
     affine, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=cv2.LMEDS)
+    if affine is None:
+        raise RefFaceError(f"cannot align a face from degenerate landmarks {landmarks.tolist()}")
     return affine
 
 

@@ -77,6 +77,13 @@ class FaceAnalysis(ABC):
             face.bbox, face.landmarks = face.bbox / scale, face.landmarks / scale
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
+    def main_face(self, image: np.ndarray, name: str) -> Face:
+        """The largest face; ``name`` says which image had none."""
+        faces = self.detect(image)
+        if not faces:
+            raise RefFaceError(f"no face found in {name}")
+        return faces[0]
+
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
         """L2-normalised identity embeddings [len(faces), embedding_dim], one batched model call."""
         from insightface.utils.face_align import norm_crop

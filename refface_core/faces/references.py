@@ -1,6 +1,6 @@
 """Reference checks: which references show the person, and which are best.
 
-The person is the largest group of faces that match each other (cosine ≥ threshold), the LQ face included
+The person is the largest group of faces connected by matches (cosine ≥ threshold), the LQ face included
 when it is usable. A reference outside that group is flagged as probably someone else.
 """
 

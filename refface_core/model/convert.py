@@ -91,7 +91,7 @@ def convert_refldm(
     problems += weight_problems(model.state_dict(), weights, name=lambda k: target[k][0])
     if problems:
         raise RefFaceError(listing("the checkpoints do not convert cleanly", problems))
-    model.load_weights({k: t.float().contiguous() for k, t in weights.items()}, source="the checkpoints")
+    model.load_state_dict({k: t.float().contiguous() for k, t in weights.items()}, strict=True, assign=True)
     return model.eval()
 
 

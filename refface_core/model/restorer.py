@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel, VQModel
 from safetensors import SafetensorError
@@ -15,27 +17,66 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoints import weight_problems
+from ..context.encoder import CompositeContextEncoder
 from ..errors import RefFaceError, listing
 from ..files import write_atomic
 from ..images import ImageLike, from_model_tensor, to_model_tensor
 from ..sampling import Branch, make_branches, make_solver, run_sampler
 from ..sampling.sampler import Denoiser, StepCallback
-from .unet import CacheKV, KVRecorder, install_reference_attention, refldm_unet_config, unet_forward
+from .unet import (
+    CacheKV,
+    KVRecorder,
+    ReferenceAttnProcessor,
+    install_reference_attention,
+    refldm_unet_config,
+    unet_forward,
+)
 from .vq import refldm_vq_config
+
+if TYPE_CHECKING:
+    from ..context.farl import FaRLEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "refface"
 
 
+@dataclass
+class CompositeContext:
+    """One person's prepared references, reusable across restores: VQ latents (the CacheKV source)
+    [B,N,C,h,w] and, for models with Composite Context, their identity + appearance tokens [B,N,L,D]."""
+
+    latents: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
 class RefFaceRestorer(nn.Module):
-    def __init__(self, unet_config: dict[str, Any] | None = None, vq_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        unet_config: dict[str, Any] | None = None,
+        vq_config: dict[str, Any] | None = None,
+        context_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.unet_config = dict(unet_config or refldm_unet_config())
         self.vq_config = dict(vq_config or refldm_vq_config())
         self.unet = UNet2DModel(**self.unet_config)
         self.vq = VQModel(**self.vq_config)
+        self.context_config = None
+        self.context_encoder = None
         install_reference_attention(self.unet)
+        if context_config is not None:
+            self.add_composite_context(context_config)
+
+    def add_composite_context(self, context_config: dict[str, Any]) -> None:
+        """Add the context encoder and zero-initialised cross-attention: the model still behaves as before."""
+        device, dtype = self.device, self.dtype
+        self.context_config = dict(context_config)
+        self.context_encoder = CompositeContextEncoder(**self.context_config).to(device=device, dtype=dtype)
+        install_reference_attention(self.unet, self.context_encoder.width)
+        for module in self.unet.modules():
+            if isinstance(module, ReferenceAttnProcessor):
+                module.to(device=device, dtype=dtype)
 
     # -- loading and saving -------------------------------------------------------------------------
 
@@ -49,18 +90,22 @@ class RefFaceRestorer(nn.Module):
             raise RefFaceError(f"model folder not found: {path}")
         try:
             config = json.loads(config_file.read_text())
-            assert config["format"] == FORMAT
-        except (OSError, ValueError, KeyError, AssertionError, TypeError):
+            valid = (
+                config.get("format") == FORMAT and isinstance(config["unet"], dict) and isinstance(config["vq"], dict)
+            )
+        except (OSError, ValueError, KeyError, AttributeError):
+            valid = False
+        if not valid:
             raise RefFaceError(
                 f"{path} is not a RefFace model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                 "make one from ReF-LDM weights with `refface convert`"
-            ) from None
+            )
         try:
             state = load_file(weights_file, device=str(device))
         except (OSError, SafetensorError) as e:
             raise RefFaceError(f"cannot read the weights {weights_file}: {e}") from None
         with torch.device("meta"):
-            model = cls(config["unet"], config["vq"])
+            model = cls(config["unet"], config["vq"], config.get("context"))
         model.load_weights(state, source=str(weights_file))
         return model.to(device=device, dtype=dtype).eval()
 
@@ -75,7 +120,13 @@ class RefFaceRestorer(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config = {"format": FORMAT, "version": 1, "unet": self.unet_config, "vq": self.vq_config}
+        config = {
+            "format": FORMAT,
+            "version": 1,
+            "unet": self.unet_config,
+            "vq": self.vq_config,
+            "context": self.context_config,
+        }
         write_atomic(path / WEIGHTS_NAME, lambda f: save_file(weights, f))
         write_atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
 
@@ -119,47 +170,63 @@ class RefFaceRestorer(nn.Module):
 
     @torch.no_grad()
     def denoiser(
-        self, lq_latent: torch.Tensor, ref_latents: torch.Tensor | None, branches: Sequence[Branch]
+        self,
+        lq_latent: torch.Tensor,
+        ref_latents: torch.Tensor | None,
+        branches: Sequence[Branch],
+        ref_tokens: torch.Tensor | None = None,
+        context_scale: float = 1.0,
     ) -> Denoiser:
-        """Prepare the CacheKV for ``branches`` once; return x_t, t -> guided eps (float32)."""
+        """Prepare the CacheKV (and context tokens) for ``branches`` once; return x_t, t -> guided eps (float32)."""
         b = lq_latent.shape[0]
+        if ref_latents is not None and ref_latents.shape[0] == 1 < b:  # one person's references for a batch
+            ref_latents = ref_latents.expand(b, *ref_latents.shape[1:])
+            ref_tokens = None if ref_tokens is None else ref_tokens.expand(b, *ref_tokens.shape[1:])
         lq = lq_latent.to(self.device, self.dtype)
         lq_rows = torch.cat([lq if branch.use_lq else torch.zeros_like(lq) for branch in branches])
-        cache = None if ref_latents is None else self.reference_kv(ref_latents, branches)
+        cache = context = None
+        if ref_latents is not None:
+            slots = self._slots(b, ref_latents.shape[1], branches)
+            cache = self.reference_kv(ref_latents, slots)
+            if ref_tokens is not None:
+                if self.context_encoder is None:
+                    raise RefFaceError("this model has no Composite Context layers to use context tokens with")
+                context = (_gather_tokens(ref_tokens.to(self.device, self.dtype), slots), context_scale)
         weights = torch.tensor([branch.weight for branch in branches], device=self.device).view(-1, 1, 1, 1, 1)
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
             x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
-            eps = unet_forward(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache).float()
+            eps = unet_forward(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
             if len(branches) == 1 and branches[0].weight == 1.0:
                 return eps
             return (weights * eps.unflatten(0, (len(branches), b))).sum(0)
 
         return denoise
 
-    @torch.no_grad()
-    def reference_kv(self, ref_latents: torch.Tensor, branches: Sequence[Branch]) -> CacheKV:
-        """One UNet pass at t=0 per distinct reference (and one for ∅), laid out per branch row."""
-        b, n = ref_latents.shape[:2]
-        refs = ref_latents.to(self.device, self.dtype).flatten(0, 1)
+    def _slots(self, b: int, n: int, branches: Sequence[Branch]) -> torch.Tensor:
+        """[rows, S]: which references each main-batch row attends to; index b·n is the zeroed (∅) reference."""
         slot_counts = {len(branch.refs) for branch in branches if branch.refs is not None} or {1}
         if len(slot_counts) != 1:
             raise ValueError(f"all branches must use the same number of reference slots, got {slot_counts}")
-        (slots,) = slot_counts
-        zero_pass = len(refs)
-        if any(branch.refs is None for branch in branches):
-            refs = torch.cat([refs, torch.zeros_like(refs[:1])])
+        (count,) = slot_counts
         rows = [
-            [zero_pass] * slots if branch.refs is None else [i * n + r for r in branch.refs]
+            [b * n] * count if branch.refs is None else [i * n + r for r in branch.refs]
             for branch in branches
             for i in range(b)
         ]
+        return torch.tensor(rows, device=self.device)
+
+    @torch.no_grad()
+    def reference_kv(self, ref_latents: torch.Tensor, slots: torch.Tensor) -> CacheKV:
+        """One UNet pass at t=0 per (sample, reference) and one for ∅ (all zeros), laid out per row by ``slots``."""
+        refs = ref_latents.to(self.device, self.dtype).flatten(0, 1)
+        refs = torch.cat([refs, torch.zeros_like(refs[:1])])
         recorder = KVRecorder()
         inputs = torch.cat([refs, torch.zeros_like(refs)], dim=1)
         unet_forward(self.unet, inputs, torch.zeros(len(refs), dtype=torch.long, device=self.device), recorder)
-        return recorder.gather(torch.tensor(rows, device=self.device))
+        return recorder.gather(slots)
 
     def predict_noise(
         self,
@@ -167,10 +234,13 @@ class RefFaceRestorer(nn.Module):
         t: int | torch.Tensor,
         lq_latent: torch.Tensor,
         ref_latents: torch.Tensor | None = None,
+        ref_tokens: torch.Tensor | None = None,
+        context_scale: float = 1.0,
     ) -> torch.Tensor:
-        """eps for [x_t, lq] with CacheKV over ``ref_latents`` [B,N,C,h,w] (None: no references)."""
+        """eps for [x_t, lq] with CacheKV over ``ref_latents`` [B,N,C,h,w] (None: no references) and, for
+        Composite Context models, cross-attention to ``ref_tokens`` [B,N,L,D]."""
         refs = None if ref_latents is None else tuple(range(ref_latents.shape[1]))
-        return self.denoiser(lq_latent, ref_latents, [Branch(1.0, True, refs)])(x_t, t)
+        return self.denoiser(lq_latent, ref_latents, [Branch(1.0, True, refs)], ref_tokens, context_scale)(x_t, t)
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -192,36 +262,70 @@ class RefFaceRestorer(nn.Module):
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
+        ref_tokens: torch.Tensor | None = None,
+        context_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Restore latents. ``ref_latents`` is [B,N,C,h,w]; ``ref_slots`` repeats references to that many slots."""
+        """Restore latents. ``ref_latents`` is [B,N,C,h,w]; ``ref_slots`` repeats references to that many slots;
+        ``ref_tokens`` [B,N,L,D] are the references' Composite Context tokens, weighted by ``context_scale``."""
         branches = make_branches(guidance, ref_latents.shape[1], scale, s_i, s_c, ref_slots)
         if x_T is None:
             x_T = torch.randn(lq_latent.shape, generator=generator, dtype=torch.float32)
         solve = make_solver(solver, steps, spacing, eta, generator)
-        denoise = self.denoiser(lq_latent, ref_latents, branches)
+        denoise = self.denoiser(lq_latent, ref_latents, branches, ref_tokens, context_scale)
         return run_sampler(denoise, x_T.float().to(self.device), solve, callback, cancel)
 
-    def encode_reference_faces(self, reference_faces: Sequence[ImageLike], layout: str = "strip") -> torch.Tensor:
-        """Aligned reference crops -> reference latents [1,N,C,h,w], reusable across restores of one person."""
+    @torch.no_grad()
+    def encode_context(
+        self,
+        reference_faces: Sequence[ImageLike],
+        identity: torch.Tensor | np.ndarray | None = None,
+        farl: FaRLEncoder | None = None,
+        layout: str = "strip",
+    ) -> CompositeContext:
+        """Aligned reference crops (and, with Composite Context, their identity embeddings [N, dim] and the FaRL
+        encoder) -> one person's CompositeContext, computed once and reusable across restores."""
         if not reference_faces:
             raise RefFaceError("at least one reference face is needed")
-        size = self.image_size
-        refs = torch.stack([to_model_tensor(r, size)[0] for r in reference_faces])[None]
-        return self.encode_references(refs, layout)
+        faces = torch.stack([to_model_tensor(r, self.image_size)[0] for r in reference_faces])
+        latents = self.encode_references(faces[None], layout)
+        if self.context_encoder is None:
+            return CompositeContext(latents)
+        if identity is None or farl is None:
+            raise RefFaceError(
+                "this model has Composite Context: it needs each reference's identity embedding "
+                f"({self.context_encoder.identity_encoder} {self.context_encoder.identity_dim}-d) and a FaRL encoder"
+            )
+        identity = torch.as_tensor(identity, dtype=torch.float32, device=self.device)
+        self.context_encoder.check_identity(identity)
+        appearance = farl.hidden_states(faces.to(farl.model.device), self.context_encoder.appearance_layers)
+        tokens = self.context_encoder(identity, [h.to(self.device) for h in appearance])
+        return CompositeContext(latents, tokens[None].float())
 
     def restore(
         self,
         lq_face: ImageLike,
-        reference_faces: Sequence[ImageLike] | torch.Tensor,
+        references: Sequence[ImageLike] | CompositeContext,
         seed: int = 2024,
         ref_layout: str = "strip",
+        identity: torch.Tensor | np.ndarray | None = None,
+        farl: FaRLEncoder | None = None,
         **sample_options: Any,
     ) -> ImageLike:
-        """Restore one aligned face crop with aligned reference crops (or their latents from
-        ``encode_reference_faces``); returns the kind of image given."""
-        if not isinstance(reference_faces, torch.Tensor):
-            reference_faces = self.encode_reference_faces(reference_faces, ref_layout)
+        """Restore one aligned face crop with aligned reference crops (or their ``encode_context``);
+        returns the kind of image given."""
+        if not isinstance(references, CompositeContext):
+            references = self.encode_context(references, identity, farl, ref_layout)
         lq = to_model_tensor(lq_face, self.image_size)
         generator = torch.Generator().manual_seed(seed)
-        latent = self.sample(self.encode(lq), reference_faces, generator=generator, **sample_options)
+        latent = self.sample(
+            self.encode(lq), references.latents, generator=generator, ref_tokens=references.tokens, **sample_options
+        )
         return from_model_tensor(self.decode(latent), like=lq_face)
+
+
+def _gather_tokens(tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[B,N,L,D] per-reference tokens -> [rows, S·L, D] per main-batch row, ∅ (index B·N) as zeros."""
+    flat = tokens.flatten(0, 1)
+    flat = torch.cat([flat, torch.zeros_like(flat[:1])])
+    rows, count = slots.shape
+    return flat[slots.flatten()].view(rows, count * flat.shape[1], flat.shape[2])

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
+from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]
+Context = tuple[torch.Tensor, float]  # Composite Context tokens [rows, L, D] and the context scale
 
 
 def refldm_unet_config(
@@ -84,13 +86,25 @@ class CacheKV:
         return torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
 
 
-class ReferenceAttnProcessor:
-    """Self-attention (SDPA) whose keys and values can be recorded or extended by a CacheKV object."""
+class ReferenceAttnProcessor(nn.Module):
+    """Self-attention (SDPA) whose keys and values can be recorded or extended by a CacheKV object, plus,
+    when ``context_width`` is set, decoupled cross-attention from the same queries to Composite Context tokens.
 
-    def __init__(self, name: str) -> None:
+    The context projections have no bias and the output one starts at zero, so a fresh layer, or all-zero
+    (dropped) context tokens, leave the backbone exactly as it was.
+    """
+
+    def __init__(self, name: str, channels: int | None = None, context_width: int | None = None) -> None:
+        super().__init__()
         self.name = name
+        self.has_context = context_width is not None
+        if self.has_context:
+            self.to_k_ctx = nn.Linear(context_width, channels, bias=False)
+            self.to_v_ctx = nn.Linear(context_width, channels, bias=False)
+            self.to_out_ctx = nn.Linear(channels, channels, bias=False)
+            nn.init.zeros_(self.to_out_ctx.weight)
 
-    def __call__(
+    def forward(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
@@ -98,26 +112,34 @@ class ReferenceAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         cache_kv: KVRecorder | CacheKV | None = None,
+        context: Context | None = None,
     ) -> torch.Tensor:
         b, c, h, w = hidden_states.shape
         x = attn.group_norm(hidden_states).view(b, c, h * w).transpose(1, 2)
         heads = attn.heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, h * w, heads, c // heads).transpose(1, 2)
+            return t.view(b, -1, heads, c // heads).transpose(1, 2)
+
+        def join(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).reshape(b, h * w, c)
 
         q, k, v = split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x))
         if cache_kv is not None:
             k, v = cache_kv.extend(self.name, k, v)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = attn.to_out[0](out.transpose(1, 2).reshape(b, h * w, c))
+        out = attn.to_out[0](join(F.scaled_dot_product_attention(q, k, v)))
+        if context is not None and self.has_context:
+            tokens, scale = context
+            cross = F.scaled_dot_product_attention(q, split(self.to_k_ctx(tokens)), split(self.to_v_ctx(tokens)))
+            out = out + scale * self.to_out_ctx(join(cross))
         return out.transpose(1, 2).reshape(b, c, h, w) + hidden_states
 
 
-def install_reference_attention(unet: UNet2DModel) -> None:
+def install_reference_attention(unet: UNet2DModel, context_width: int | None = None) -> None:
+    """Give every attention layer a ReferenceAttnProcessor (with fresh context layers if ``context_width``)."""
     for name, module in unet.named_modules():
         if isinstance(module, Attention):
-            module.set_processor(ReferenceAttnProcessor(name))
+            module.set_processor(ReferenceAttnProcessor(name, module.to_q.out_features, context_width))
 
 
 def unet_forward(
@@ -125,11 +147,12 @@ def unet_forward(
     sample: torch.Tensor,
     timesteps: torch.Tensor,
     cache_kv: KVRecorder | CacheKV | None = None,
+    context: Context | None = None,
 ) -> torch.Tensor:
-    """UNet2DModel's forward, with the CacheKV object handed to every attention layer."""
+    """UNet2DModel's forward, with the CacheKV object and the context tokens handed to every attention layer."""
 
     def attend(attn: Attention, h: torch.Tensor) -> torch.Tensor:
-        return attn.processor(attn, h, cache_kv=cache_kv)
+        return attn.processor(attn, h, cache_kv=cache_kv, context=context)
 
     emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
     h = unet.conv_in(sample)

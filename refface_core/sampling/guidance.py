@@ -38,6 +38,8 @@ def make_branches(
 ) -> list[Branch]:
     if num_refs < 1:
         raise ValueError("guidance needs at least one reference")
+    if slots is not None and slots < 1:
+        raise ValueError(f"reference slots must be at least 1, got {slots}")
     if guidance == "refldm":
         return refldm_branches(num_refs, scale, slots)
     if guidance == "multi_reference":

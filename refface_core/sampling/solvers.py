@@ -74,5 +74,7 @@ def make_solver(
     if name == "ddim":
         return DDIM(steps, spacing, eta, generator)
     if name == "dpmpp_2m":
+        if eta != 0:
+            raise ValueError("eta applies to the ddim solver only")
         return DPMSolverPP(steps, spacing)
     raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
