@@ -185,7 +185,7 @@ def random_farl() -> FaRLEncoder:
 
     from .context.farl import FaRLEncoder
 
-    return FaRLEncoder(CLIPVisionConfig(hidden_act="quick_gelu", projection_dim=512))
+    return FaRLEncoder(CLIPVisionConfig(patch_size=16, hidden_act="quick_gelu", projection_dim=512))
 
 
 def format_table(result: dict[str, Any]) -> str:
