@@ -52,7 +52,8 @@ def run_bench(
     ref_images = torch.rand(batch, refs, 3, size, size, generator=gen) * 2 - 1
     branches = make_branches(guidance, refs, scale, s_i, s_c, ref_slots)
     rows, passes = len(branches) * batch, batch * refs + 1
-    timesteps = len(make_solver(solver, steps, spacing).timesteps)
+    solve = make_solver(solver, steps, spacing)
+    timesteps = len(solve.timesteps)
     encoder = model.context_encoder
     if encoder is not None and farl is None:
         farl = random_farl().to(device=device, dtype=model.dtype)
@@ -96,7 +97,6 @@ def run_bench(
         f_context = counter.get_total_flops()
     denoise, t_prep, m_prep = timed(lambda: model.denoiser(lq_lat, ref_lat, branches, tokens))
     x_T = torch.randn(lq_lat.shape, generator=gen).to(device)
-    solve = make_solver(solver, steps, spacing)
     latent, t_sample, m_sample = timed(lambda: run_sampler(denoise, x_T, solve))
     _, t_decode, m_decode = timed(lambda: model.decode(latent))
 

@@ -74,7 +74,7 @@ def convert_refldm(
             raise RefFaceError(listing("EMA weights missing (use --no-ema for the raw weights)", absent))
 
     target: Converted = {}
-    unexpected = _convert(values, _unet_rule(unet_config, head_channels), "unet.", UNET_PREFIX, target)
+    unexpected = _convert(values, _unet_rule(unet_config), "unet.", UNET_PREFIX, target)
     unexpected += _convert(vq_src, _vq_rule(len(vq_config["block_out_channels"])), "vq.", "", target)
     vq_used = {src for src, _ in target.values() if not src.startswith(UNET_PREFIX)}
     unexpected += [
@@ -126,8 +126,10 @@ def _infer_unet_config(src: dict[str, torch.Tensor], head_channels: int) -> dict
         levels = n_in // (num_res_blocks + 1)
         firsts = [1 + level * (num_res_blocks + 1) for level in range(levels)]
         channel_mult = [src[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels for i in firsts]
-    except (KeyError, ValueError, IndexError) as e:
-        raise RefFaceError(f"cannot infer the UNet architecture from the checkpoint (looked for {e})") from None
+    except KeyError as e:
+        raise RefFaceError(f"cannot infer the UNet architecture from the checkpoint (no tensor {e})") from None
+    except (ValueError, IndexError):
+        raise RefFaceError("cannot infer the UNet architecture: the checkpoint has no input_blocks") from None
     attention = [f"input_blocks.{i}.1.qkv.weight" in src for i in firsts]
     for k, v in src.items():
         if k.endswith("qkv.weight") and (v.shape[1] % head_channels):
@@ -137,8 +139,8 @@ def _infer_unet_config(src: dict[str, torch.Tensor], head_channels: int) -> dict
     )
 
 
-def _unet_rule(config: dict, head_channels: int) -> Rule:
-    per_level = config["layers_per_block"] + 1
+def _unet_rule(config: dict) -> Rule:
+    per_level, head_channels = config["layers_per_block"] + 1, config["attention_head_dim"]
 
     def rule(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
         module, _, param = name.rpartition(".")
@@ -214,8 +216,10 @@ def _infer_vq_config(src: dict[str, torch.Tensor]) -> dict:
         embed_dim = src["quant_conv.weight"].shape[0]
         num_embeddings = src["quantize.embedding.weight"].shape[0]
         out_channels = src["decoder.conv_out.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise RefFaceError(f"cannot infer the VQ architecture from the checkpoint (looked for {e})") from None
+    except KeyError as e:
+        raise RefFaceError(f"cannot infer the VQ architecture from the checkpoint (no tensor {e})") from None
+    except ValueError:
+        raise RefFaceError("cannot infer the VQ architecture: the checkpoint has no encoder.down blocks") from None
     if any(re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in src):
         raise RefFaceError("unsupported VQ autoencoder: attention inside the down/up levels (ReF-LDM's has none)")
     return refldm_vq_config(
