@@ -108,17 +108,15 @@ def restore_photo(
                 f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
                 f"threshold {threshold:.3f}); use --all-faces or --face N to restore anyway"
             )
-    context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
-    restored, done = photo, 0
-    for i in targets:
-        face = faces[i]
-        if face.eye_distance < MIN_EYE_DISTANCE:
-            log(f"face {i}: skipped, too small to restore ({face.eye_distance:.0f}px between the eyes)")
-            continue
-        log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
-        crop, affine = align_face(photo, face.landmarks, restorer.image_size)
-        restored = paste_back(restored, restorer.restore(crop, context, **sample_options), affine)
-        done += 1
-    if not done:
+    for i in [i for i in targets if faces[i].eye_distance < MIN_EYE_DISTANCE]:
+        log(f"face {i}: skipped, too small to restore ({faces[i].eye_distance:.0f}px between the eyes)")
+    targets = [i for i in targets if faces[i].eye_distance >= MIN_EYE_DISTANCE]
+    if not targets:
         raise RefFaceError(f"no face restored: every chosen face is under {MIN_EYE_DISTANCE}px between the eyes")
+    context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
+    restored = photo
+    for i in targets:
+        log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
+        crop, affine = align_face(photo, faces[i].landmarks, restorer.image_size)
+        restored = paste_back(restored, restorer.restore(crop, context, **sample_options), affine)
     return restored
