@@ -1,1 +1,14 @@
-"""ComfyUI entry point for the RefFace node pack (the nodes live in nodes/; all computation in refface_core)."""
+"""ComfyUI entry point for the RefFace node pack: the nodes live in nodes/, all computation in refface_core."""
+
+import os
+import sys
+
+# ComfyUI imports a pack without installing it: make refface_core (beside this file) importable. Appended, not
+# prepended, so that ComfyUI's own top-level `nodes` module keeps precedence over our nodes/ package.
+_PACK = os.path.dirname(os.path.abspath(__file__))
+if _PACK not in sys.path:
+    sys.path.append(_PACK)
+
+from .nodes import comfy_entrypoint  # noqa: E402
+
+__all__ = ["comfy_entrypoint"]

@@ -1,1 +1,33 @@
 """ComfyUI V3 nodes for RefFace: thin wrappers over refface_core (no model math here)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .context import BuildCompositeContext
+from .loaders import LoadFaceAnalysis, LoadFaRL, LoadRestorer
+from .references import IdentityEmbedding, IdentitySimilarity, LoadReferenceFaces
+from .restore import CropFaces, PasteFaces, RefFaceRestore, RestorePhoto
+from .runtime import register_model_folders
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadRestorer,
+    LoadFaceAnalysis,
+    LoadFaRL,
+    LoadReferenceFaces,
+    IdentityEmbedding,
+    BuildCompositeContext,
+    CropFaces,
+    RefFaceRestore,
+    PasteFaces,
+    RestorePhoto,
+    IdentitySimilarity,
+]
+
+
+class RefFaceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> RefFaceExtension:
+    register_model_folders()
+    return RefFaceExtension()

@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_face_models_option(similarity)
     similarity.set_defaults(run=run_similarity)
 
+    queue = commands.add_parser(
+        "comfy-queue", help="restore a photo through a running ComfyUI server with an API-format workflow"
+    )
+    queue.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL (default http://127.0.0.1:8188)")
+    queue.add_argument("--workflow", required=True, type=Path, help="API-format workflow, e.g. workflows/api/*.json")
+    queue.add_argument("--input", required=True, type=Path, help="the photo to restore")
+    queue.add_argument("--ref", required=True, action="append", type=Path, help="photo of the same person (repeat)")
+    queue.add_argument("--out", type=Path, default=Path("."), help="folder for the results (default: here)")
+    queue.set_defaults(run=run_comfy_queue)
+
     bench = commands.add_parser("bench", help="time a restore stage by stage (random weights unless --model)")
     bench.add_argument("--model", type=Path, help="RefFace model folder (default: full-size ReF-LDM, random)")
     bench.add_argument("--refs", type=int, default=5, help="references per face (default 5)")
@@ -212,15 +222,46 @@ def run_restore(args: argparse.Namespace) -> int:
             def log(message: str) -> None:
                 tqdm.write(message, file=sys.stderr)
 
+            select = args.face if args.face is not None else ("all" if args.all_faces else "matching")
+
             restored = Image.fromarray(
                 restore_photo(
                     model, load_face_analysis(args.face_models), np.asarray(photo), [np.asarray(r) for r in refs],
-                    reference_names=[str(p) for p in args.ref], all_faces=args.all_faces, face_index=args.face,
+                    reference_names=[str(p) for p in args.ref], select=select,
                     keep=args.keep_refs, threshold=args.ref_threshold, farl=farl, log=log, **options,
                 )
             )  # fmt: skip
     save_image(restored, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_comfy_queue(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .comfy_queue import queue_restore
+
+    bar = tqdm(total=0, unit="step", file=sys.stderr)
+
+    def progress(event: dict) -> None:
+        data = event["data"]
+        if event["type"] == "progress":
+            bar.set_description(f"node {data['node']}")
+            bar.total, bar.n = data["max"], data["value"]
+            bar.refresh()
+        elif event["type"] == "execution_cached" and data.get("nodes"):
+            bar.write(f"cached: nodes {', '.join(data['nodes'])}", file=sys.stderr)
+
+    try:
+        paths, texts = queue_restore(args.server, args.workflow, args.input, args.ref, args.out, progress)
+    finally:
+        bar.close()
+    for text in texts:
+        print(text)
+    for path in paths:
+        print(f"wrote {path}")
+    if not paths:
+        raise RefFaceError("the workflow finished without saving an image (add a SaveImage node)")
     return 0
 
 

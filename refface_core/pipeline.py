@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import RefFaceError
-from .faces import FaceAnalysis, align_face, paste_back
+from .faces import Face, FaceAnalysis, align_face, paste_back
 from .faces.references import ReferenceReport, rank_references, sharpness
-from .model import RefFaceRestorer
+from .model import CompositeContext, RefFaceRestorer
 
 if TYPE_CHECKING:
     from .context.farl import FaRLEncoder
 
 MIN_EYE_DISTANCE = 32  # px; smaller faces carry too little to restore from
+SELECT_MODES = ("matching", "largest", "all")
 USABLE_LQ_EYE_DISTANCE = 48  # px; below this the LQ face's embedding is too unreliable to rank references by
 
 
@@ -60,33 +61,74 @@ def main_face_embeddings(analysis: FaceAnalysis, images: Sequence[np.ndarray], n
     )
 
 
+def face_similarity(embeddings: np.ndarray, identity: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each face embedding [F, dim] to a person's mean identity [N, dim] or [dim]."""
+    mean = identity.reshape(-1, embeddings.shape[1]).mean(0)
+    return embeddings @ (mean / np.linalg.norm(mean).clip(1e-12))
+
+
+def choose_faces(
+    faces: Sequence[Face],
+    similarity: np.ndarray | None,
+    select: str | int,
+    threshold: float,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """Which faces (largest first) to restore: "matching" the person (by ``similarity``), "largest", "all", or
+    one index; faces too small to restore are left out with a log line."""
+    if not faces:
+        raise RefFaceError("no face found in the photo")
+    if isinstance(select, int):
+        if not 0 <= select < len(faces):
+            raise RefFaceError(f"face {select} does not exist: the photo has {len(faces)} (0..{len(faces) - 1})")
+        targets = [select]
+    elif select == "all":
+        targets = list(range(len(faces)))
+    elif select == "largest":
+        targets = [0]
+    elif select == "matching":
+        if similarity is None:
+            raise RefFaceError("choosing the matching faces needs the person's identity")
+        targets = [i for i in range(len(faces)) if similarity[i] >= threshold]
+        if not targets:
+            raise RefFaceError(
+                f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
+                f"threshold {threshold:.3f}); restore all faces or pick one instead (CLI: --all-faces, --face N)"
+            )
+    else:
+        raise ValueError(f"select must be one of {SELECT_MODES} or a face index, got {select!r}")
+    for i in [i for i in targets if faces[i].eye_distance < MIN_EYE_DISTANCE]:
+        log(f"face {i}: skipped, too small to restore ({faces[i].eye_distance:.0f}px between the eyes)")
+    targets = [i for i in targets if faces[i].eye_distance >= MIN_EYE_DISTANCE]
+    if not targets:
+        raise RefFaceError(f"no face restored: every chosen face is under {MIN_EYE_DISTANCE}px between the eyes")
+    return targets
+
+
 def restore_photo(
     restorer: RefFaceRestorer,
     analysis: FaceAnalysis,
     photo: np.ndarray,
     reference_photos: Sequence[np.ndarray],
     reference_names: Sequence[str] | None = None,
-    all_faces: bool = False,
-    face_index: int | None = None,
+    select: str | int = "matching",
     keep: int | None = None,
     threshold: float | None = None,
     farl: FaRLEncoder | None = None,
     log: Callable[[str], None] = print,
     **sample_options: Any,
 ) -> np.ndarray:
-    """Restore the faces of ``photo`` that match the references (or all, or one by index) and paste them back.
+    """Restore the faces of ``photo`` chosen by ``select`` (see ``choose_faces``) and paste them back.
     Composite Context models also need ``farl``; the references' identity comes from ``analysis``."""
     faces = analysis.detect(photo)
     if not faces:
         raise RefFaceError("no face found in the photo (for an aligned face crop, use --aligned)")
-    if face_index is not None and not 0 <= face_index < len(faces):
-        raise RefFaceError(f"face {face_index} does not exist: the photo has {len(faces)} (0..{len(faces) - 1})")
     threshold = analysis.same_person_threshold if threshold is None else threshold
     embeddings = analysis.embed(photo, faces)
 
-    single = face_index if face_index is not None else (0 if len(faces) == 1 else None)
+    single = select if isinstance(select, int) else (0 if len(faces) == 1 or select == "largest" else None)
     lq_embedding = None
-    if single is not None and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
+    if single is not None and single < len(faces) and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
         lq_embedding = embeddings[single]
     names = reference_names or [f"reference {i}" for i in range(len(reference_photos))]
     refs = prepare_references(analysis, reference_photos, restorer.image_size, names, keep, threshold, lq_embedding)
@@ -94,29 +136,27 @@ def restore_photo(
         log(f"{names[report.index]}: {report.describe()}")
     if not refs.crops:
         raise RefFaceError("every reference was flagged as another person; check the reference photos")
-
-    identity = refs.embeddings.mean(0)
-    similarity = embeddings @ (identity / np.linalg.norm(identity))
-    if face_index is not None:
-        targets = [face_index]
-    elif all_faces:
-        targets = list(range(len(faces)))
-    else:
-        targets = [i for i in range(len(faces)) if similarity[i] >= threshold]
-        if not targets:
-            raise RefFaceError(
-                f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
-                f"threshold {threshold:.3f}); use --all-faces or --face N to restore anyway"
-            )
-    for i in [i for i in targets if faces[i].eye_distance < MIN_EYE_DISTANCE]:
-        log(f"face {i}: skipped, too small to restore ({faces[i].eye_distance:.0f}px between the eyes)")
-    targets = [i for i in targets if faces[i].eye_distance >= MIN_EYE_DISTANCE]
-    if not targets:
-        raise RefFaceError(f"no face restored: every chosen face is under {MIN_EYE_DISTANCE}px between the eyes")
+    similarity = face_similarity(embeddings, refs.embeddings)
+    targets = choose_faces(faces, similarity, select, threshold, log)
     context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
+    return restore_faces(restorer, photo, faces, targets, context, similarity, log, **sample_options)
+
+
+def restore_faces(
+    restorer: RefFaceRestorer,
+    photo: np.ndarray,
+    faces: Sequence[Face],
+    targets: Sequence[int],
+    context: CompositeContext,
+    similarity: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+    **sample_options: Any,
+) -> np.ndarray:
+    """Align, restore and paste back the ``targets`` among ``faces`` of ``photo`` with one person's ``context``."""
     restored = photo
     for i in targets:
-        log(f"face {i}: restoring (similarity to the references {similarity[i]:.3f})")
+        note = "" if similarity is None else f" (similarity to the references {similarity[i]:.3f})"
+        log(f"face {i}: restoring{note}")
         crop, affine = align_face(photo, faces[i].landmarks, restorer.image_size)
         restored = paste_back(restored, restorer.restore(crop, context, **sample_options), affine)
     return restored

@@ -43,8 +43,11 @@ def paste_mask(affine: np.ndarray, crop_size: int, photo_shape: tuple[int, ...])
     return cv2.GaussianBlur(mask, (0, 0), sigmaX=feather / 2 + 1e-3)
 
 
-def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Blend ``crop`` (aligned with ``affine``) back into a copy of ``photo``; call once per face."""
+def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, crop_size: int | None = None) -> np.ndarray:
+    """Blend ``crop`` (aligned with ``affine``) back into a copy of ``photo``; call once per face. ``crop_size``:
+    the size ``affine`` was made for, when the crop has been resized since."""
+    if crop_size is not None:
+        affine = affine * (crop.shape[0] / crop_size)
     h, w = photo.shape[:2]
     inverse = cv2.invertAffineTransform(affine)
     warped = cv2.warpAffine(crop, inverse, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)

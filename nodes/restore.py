@@ -1,0 +1,259 @@
+"""Restoration: the sampler on aligned faces, face crop and paste-back, and a whole-photo convenience node."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from refface_core import RefFaceError
+from refface_core.faces import FaceAnalysis, align_face, paste_back, paste_mask
+from refface_core.model import CompositeContext
+from refface_core.pipeline import SELECT_MODES, choose_faces, face_similarity, restore_faces
+from refface_core.sampling import GUIDANCES, SOLVERS, SPACINGS
+
+from .references import ALIGNED_SIZE, identity_of, threshold_input
+from .runtime import Offloadable, SamplingProgress, to_arrays, to_image
+from .types import ContextType, FaceCrops, FaceCropsType, Identity, IdentityType, RefFaceModel
+
+log = logging.getLogger("refface")
+
+SELECT_TOOLTIP = (
+    "matching: the faces that look like the person (needs identity); largest: the biggest face; all: every face."
+)
+
+
+def sampling_inputs() -> list[io.Input]:
+    return [
+        io.Int.Input(
+            "seed",
+            default=2024,
+            min=0,
+            max=2**63 - 1,
+            control_after_generate=True,
+            tooltip="Noise seed (ReF-LDM: 2024).",
+        ),
+        io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps."),
+        io.Combo.Input(
+            "solver", options=list(SOLVERS), default="ddim", tooltip="ddim (ReF-LDM's) or DPM-Solver++(2M)."
+        ),
+        io.Combo.Input(
+            "guidance",
+            options=list(GUIDANCES),
+            default="refldm",
+            tooltip="refldm: guidance on all references together; multi_reference: the paper's N-reference guidance "
+            "(one branch per reference, averaged).",
+        ),
+        io.Float.Input("scale", default=1.5, min=0.0, max=10.0, step=0.05, tooltip="refldm guidance scale."),
+        io.Float.Input("s_i", default=1.2, min=0.0, max=10.0, step=0.05, tooltip="multi_reference: LQ-image scale."),
+        io.Float.Input("s_c", default=1.2, min=0.0, max=10.0, step=0.05, tooltip="multi_reference: reference scale."),
+        io.Float.Input(
+            "context_scale",
+            default=1.0,
+            min=0.0,
+            max=4.0,
+            step=0.05,
+            tooltip="Composite Context strength (models with Composite Context; 0 = off).",
+        ),
+        io.Combo.Input(
+            "spacing",
+            options=list(SPACINGS),
+            default="uniform_trailing",
+            advanced=True,
+            tooltip="Timestep spacing (ReF-LDM's names).",
+        ),
+        io.Int.Input(
+            "ref_slots",
+            default=0,
+            min=0,
+            max=64,
+            advanced=True,
+            tooltip="Repeat references to fill this many slots per branch (0 = as many as there are references).",
+        ),
+    ]
+
+
+def sample_options(steps: int, ref_slots: int, **options: Any) -> dict[str, Any]:
+    return {"steps": steps, "ref_slots": ref_slots or None, **options}
+
+
+class RefFaceRestore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceRestore",
+            display_name="RefFace Restore",
+            category="RefFace",
+            description="Restores aligned face crops (e.g. from Crop Faces) so that they look like the person.",
+            inputs=[
+                RefFaceModel.Input("model", tooltip="From Load RefFace Model."),
+                ContextType.Input("context", tooltip="The person, from Build Composite Context."),
+                io.Image.Input("faces", tooltip="Aligned, square low-quality face crops."),
+                *sampling_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="faces", tooltip="Restored crops at the model's size.")],
+        )
+
+    @classmethod
+    def execute(
+        cls, model: Offloadable, context: CompositeContext, faces: torch.Tensor, seed: int, **options: Any
+    ) -> io.NodeOutput:
+        restorer = model.loaded()
+        crops = to_arrays(faces)
+        progress = SamplingProgress(restorer, len(crops), options["steps"])
+        restored = [
+            restorer.restore(crop, context, seed=seed, callback=progress, **sample_options(**options)) for crop in crops
+        ]
+        return io.NodeOutput(to_image(restored))
+
+
+class CropFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceCropFaces",
+            display_name="Crop Faces (RefFace)",
+            category="RefFace",
+            description="Finds faces and warps each to an FFHQ-aligned square crop, for RefFace Restore.",
+            inputs=[
+                io.FaceAnalysis.Input("face_analysis", tooltip="From Load Face Analysis."),
+                io.Image.Input("image", tooltip="Photos (a batch is cropped image by image)."),
+                io.Combo.Input("select", options=list(SELECT_MODES), default="matching", tooltip=SELECT_TOOLTIP),
+                IdentityType.Input("identity", optional=True, tooltip="The person, for select = matching."),
+                threshold_input(),
+                io.Int.Input("size", default=ALIGNED_SIZE, min=64, max=2048, step=8, tooltip="Crop size in pixels."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="faces", tooltip="Aligned crops, largest face first."),
+                FaceCropsType.Output(display_name="crops", tooltip="Where each crop came from, for Paste Faces."),
+                io.BoundingBox.Output(display_name="bboxes", tooltip="The chosen faces' boxes, per image."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        face_analysis: FaceAnalysis,
+        image: torch.Tensor,
+        select: str,
+        threshold: float,
+        size: int,
+        identity: Identity | None = None,
+    ) -> io.NodeOutput:
+        threshold = face_analysis.same_person_threshold if threshold < 0 else threshold
+        crops, affines, sources, boxes = [], [], [], []
+        for i, photo in enumerate(to_arrays(image)):
+            faces = face_analysis.detect(photo)
+            similarity = None
+            if identity is not None and faces:
+                similarity = face_similarity(face_analysis.embed(photo, faces), identity_of(identity, face_analysis))
+            chosen = choose_faces(faces, similarity, select, threshold, log.info)
+            boxes.append([box(faces[k], similarity, k) for k in chosen])
+            for k in chosen:
+                crop, affine = align_face(photo, faces[k].landmarks, size)
+                crops.append(crop)
+                affines.append(affine)
+                sources.append(i)
+        return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size), boxes)
+
+
+def box(face: Any, similarity: np.ndarray | None, k: int) -> dict:
+    x1, y1, x2, y2 = (float(v) for v in face.bbox)
+    label = "face" if similarity is None else f"face {similarity[k]:.2f}"
+    return {"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1, "label": label, "score": float(face.score)}
+
+
+class PasteFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFacePasteFaces",
+            display_name="Paste Faces Back (RefFace)",
+            category="RefFace",
+            description="Blends restored crops back into the photos they were cropped from, with a feathered mask.",
+            inputs=[
+                io.Image.Input("image", tooltip="The photos given to Crop Faces."),
+                io.Image.Input("faces", tooltip="Restored crops, in Crop Faces' order (any size)."),
+                FaceCropsType.Input("crops", tooltip="From Crop Faces."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image"),
+                io.Mask.Output(display_name="mask", tooltip="Where faces were pasted (feathered)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, faces: torch.Tensor, crops: FaceCrops) -> io.NodeOutput:
+        photos, restored = to_arrays(image), to_arrays(faces)
+        if len(restored) != len(crops.affines):
+            raise RefFaceError(f"{len(restored)} faces to paste, but Crop Faces made {len(crops.affines)} crops")
+        if max(crops.image_index, default=-1) >= len(photos):
+            raise RefFaceError("these crops came from a larger batch of photos than the one given")
+        masks = [np.zeros(p.shape[:2], np.float32) for p in photos]
+        for face, affine, i in zip(restored, crops.affines, crops.image_index, strict=True):
+            photos[i] = paste_back(photos[i], face, affine, crops.size)
+            masks[i] = np.maximum(masks[i], paste_mask(affine, crops.size, photos[i].shape))
+        return io.NodeOutput(to_image(photos), torch.from_numpy(np.stack(masks)).to(faces.device))
+
+
+class RestorePhoto(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefFaceRestorePhoto",
+            display_name="Restore Faces in Photo (RefFace)",
+            category="RefFace",
+            description="Crop Faces, RefFace Restore and Paste Faces Back in one node: restores the person's faces "
+            "in whole photos, group photos included.",
+            inputs=[
+                RefFaceModel.Input("model", tooltip="From Load RefFace Model."),
+                ContextType.Input("context", tooltip="The person, from Build Composite Context."),
+                io.FaceAnalysis.Input("face_analysis", tooltip="From Load Face Analysis."),
+                io.Image.Input("image", tooltip="Photos (a batch is restored image by image)."),
+                io.Combo.Input("select", options=list(SELECT_MODES), default="matching", tooltip=SELECT_TOOLTIP),
+                IdentityType.Input("identity", optional=True, tooltip="The person, for select = matching."),
+                threshold_input(),
+                *sampling_inputs(),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image"),
+                io.String.Output(display_name="report", tooltip="Which faces were restored, and why not others."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: Offloadable,
+        context: CompositeContext,
+        face_analysis: FaceAnalysis,
+        image: torch.Tensor,
+        select: str,
+        threshold: float,
+        seed: int,
+        identity: Identity | None = None,
+        **options: Any,
+    ) -> io.NodeOutput:
+        threshold = face_analysis.same_person_threshold if threshold < 0 else threshold
+        lines: list[str] = []
+        plans = []
+        for i, photo in enumerate(to_arrays(image)):
+            faces = face_analysis.detect(photo)
+            similarity = None
+            if identity is not None and faces:
+                similarity = face_similarity(face_analysis.embed(photo, faces), identity_of(identity, face_analysis))
+            lines.append(f"image {i}: {len(faces)} face(s)")
+            plans.append((photo, faces, choose_faces(faces, similarity, select, threshold, lines.append), similarity))
+        restorer = model.loaded()
+        progress = SamplingProgress(restorer, sum(len(plan[2]) for plan in plans), options["steps"])
+        restored = [
+            restore_faces(
+                restorer, photo, faces, targets, context, similarity, lines.append,
+                seed=seed, callback=progress, **sample_options(**options),
+            )
+            for photo, faces, targets, similarity in plans
+        ]  # fmt: skip
+        return io.NodeOutput(to_image(restored), "\n".join(lines))

@@ -1,0 +1,120 @@
+"""ComfyUI glue: model folders, offloadable models, IMAGE tensors <-> arrays, progress with previews, Cancel."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy.cli_args import LatentPreviewMethod, args
+from PIL import Image
+
+from refface_core import RefFaceError, RefFaceRestorer
+
+# models/<folder>/ -> the file endings its dropdowns list
+MODEL_FOLDERS = {
+    "refface": {".json"},  # a model is a folder: <name>/config.json + model.safetensors
+    "farl": {".pth", ".pt", ".ckpt", ".safetensors"},
+    "insightface": {".onnx"},  # packs in models/insightface/models/<name>/, shared with InstantID and IPAdapter
+}
+HOW_TO_GET = {
+    "refface": "make one from ReF-LDM's refldm.ckpt and vqgan.ckpt with "
+    "`refface convert --refldm-unet refldm.ckpt --refldm-vq vqgan.ckpt --out <ComfyUI>/models/refface/refldm`",
+    "farl": "download FaRL-Base-Patch16-LAIONFace20M-ep64.pth into it",
+    "insightface": "put an insightface pack such as antelopev2 or buffalo_l in models/insightface/models/<name>/",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def register_model_folders() -> None:
+    for name, extensions in MODEL_FOLDERS.items():
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), extensions)
+
+
+def restorer_names() -> list[str]:
+    return sorted({os.path.dirname(f) for f in folder_paths.get_filename_list("refface") if f.endswith("config.json")})
+
+
+def insightface_packs() -> list[str]:
+    parts = [os.path.normpath(f).split(os.sep) for f in folder_paths.get_filename_list("insightface")]
+    return sorted({p[1] for p in parts if len(p) == 3 and p[0] == "models"})
+
+
+def model_path(folder: str, name: str) -> str:
+    """Where ``name`` is in one of ``models/<folder>/``'s paths, or a message naming the folder to put it in."""
+    paths = folder_paths.get_folder_paths(folder)
+    for base in paths:
+        if name and os.path.exists(os.path.join(base, name)):
+            return os.path.join(base, name)
+    raise RefFaceError(f"{name!r} is not in models/{folder}/ (looked in {', '.join(paths)}); {HOW_TO_GET[folder]}")
+
+
+def found(folder: str, name: str) -> bool | str:
+    """``validate_inputs`` answer: True, or the missing-model message (clearer than 'value not in list')."""
+    try:
+        model_path(folder, name)
+    except RefFaceError as e:
+        return str(e)
+    return True
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """ "auto" follows ComfyUI's choice for the device: bf16, else fp16, else fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    device = mm.get_torch_device()
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+class Offloadable:
+    """A torch model that ComfyUI's memory management moves between its load and offload devices."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        holder = torch.nn.ModuleDict({"model": model})  # ComfyUI sets `.device` on what it manages
+        self.patcher = comfy.model_patcher.CoreModelPatcher(
+            holder,
+            load_device=mm.get_torch_device(),
+            offload_device=mm.unet_offload_device(),
+            size=mm.module_size(holder),
+        )
+
+    def loaded(self) -> torch.nn.Module:
+        mm.load_model_gpu(self.patcher)
+        return self.model
+
+
+def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
+    """IMAGE [B,H,W,C] floats in 0..1 -> RGB uint8 arrays."""
+    return list(images[..., :3].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
+
+
+def to_image(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Equal-sized RGB uint8 arrays -> IMAGE [B,H,W,3] on ComfyUI's intermediate device."""
+    batch = torch.from_numpy(np.stack(arrays)).to(mm.intermediate_device(), mm.intermediate_dtype())
+    return batch / 255
+
+
+class SamplingProgress:
+    """Sampling callback: one progress tick per step over all faces, a decoded preview about ten times per face
+    (unless previews are off), and the Cancel button checked every step."""
+
+    def __init__(self, restorer: RefFaceRestorer, faces: int, steps: int) -> None:
+        self.restorer, self.every, self.done = restorer, max(1, steps // 10), 0
+        self.bar = comfy.utils.ProgressBar(faces * steps)
+
+    def __call__(self, step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.done += 1
+        preview = None
+        if args.preview_method != LatentPreviewMethod.NoPreviews and (step % self.every == 0 or step == total):
+            face = self.restorer.decode(x0[:1])[0].permute(1, 2, 0).add(1).mul(127.5)
+            preview = ("JPEG", Image.fromarray(face.clamp(0, 255).byte().cpu().numpy()), args.preview_size)
+        self.bar.update_absolute(self.done, preview=preview)
