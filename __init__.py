@@ -1,5 +1,6 @@
 """ComfyUI entry point for the RefFace node pack: the nodes live in nodes/, all computation in refface_core."""
 
+import importlib.util
 import os
 import sys
 
@@ -9,6 +10,7 @@ _PACK = os.path.dirname(os.path.abspath(__file__))
 if _PACK not in sys.path:
     sys.path.append(_PACK)
 
-from .nodes import comfy_entrypoint  # noqa: E402
+if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI; elsewhere (pip, pytest) this file is inert
+    from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint"]

@@ -1,0 +1,163 @@
+"""End to end: a real ComfyUI server with this pack and tiny random models, driven through its HTTP/websocket API
+(`refface comfy-queue`'s client) and a headless Chromium. Runs when COMFYUI_DIR points at a ComfyUI checkout
+(COMFYUI_PYTHON: the Python that runs it, default this one); skipped otherwise."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from support import tiny_restorer
+
+from refface_core import RefFaceError
+from refface_core.cli import main
+from refface_core.comfy_queue import ComfyClient, fill_workflow, queue_restore
+
+REPO = Path(__file__).resolve().parents[2]
+FACES = REPO / "tests" / "data" / "faces"
+API = sorted((REPO / "workflows" / "api").glob("*.json"))
+EDITOR = sorted((REPO / "workflows").glob("*.json"))
+NODE_IDS = {
+    "RefFaceLoadModel", "RefFaceLoadFaceAnalysis", "RefFaceLoadFaRL", "RefFaceLoadReferences",
+    "RefFaceIdentityEmbedding", "RefFaceBuildContext", "RefFaceCropFaces", "RefFaceRestore", "RefFacePasteFaces",
+    "RefFaceRestorePhoto", "RefFaceIdentitySimilarity",
+}  # fmt: skip
+# each example workflow's photo and references
+CASES = {
+    "refface_single_reference": ("macron_2.jpg", ["macron_1.jpg"]),
+    "refface_multi_reference_album": ("macron_2.jpg", ["macron_1.jpg", "obama.jpg", "macron_2.jpg"]),
+    "refface_group_photo": ("group.jpg", ["macron_1.jpg"]),
+}
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="end-to-end: set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its Python)"
+)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("macron_1.jpg", "macron_2.jpg", "obama.jpg"):
+        shutil.copy(FACES / name, folder / name)
+    left, right = (Image.open(FACES / n).convert("RGB").resize((400, 500)) for n in ("macron_2.jpg", "ardern_1.jpg"))
+    group = Image.new("RGB", (800, 500))
+    group.paste(left, (0, 0))
+    group.paste(right, (400, 0))
+    group.save(folder / "group.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """ComfyUI on a free 127.0.0.1 port, in its own base folder: this pack, a tiny model as models/refface/refldm."""
+    base = tmp_path_factory.mktemp("comfyui")
+    for folder in ("custom_nodes", "user"):
+        (base / folder).mkdir()
+    (base / "custom_nodes" / "refface").symlink_to(REPO)
+    tiny_restorer(seed=6).save_pretrained(base / "models" / "refface" / "refldm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    command = [
+        python, str(Path(COMFYUI_DIR) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--base-directory", str(base), "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
+    ]  # fmt: skip
+    log = open(base / "server.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=COMFYUI_DIR)
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    while True:
+        try:
+            if requests.get(url + "/object_info/RefFaceRestore", timeout=5).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() - started > 180:
+            process.kill()
+            pytest.fail(f"ComfyUI did not start; its log:\n{(base / 'server.log').read_text()[-4000:]}")
+        time.sleep(0.5)
+    print(f"ComfyUI ready in {time.monotonic() - started:.1f} s at {url}")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+    assert "IMPORT FAILED" not in (base / "server.log").read_text()
+
+
+def test_object_info_lists_every_node(server):
+    info = requests.get(server + "/object_info", timeout=30).json()
+    assert NODE_IDS <= set(info)
+    assert info["RefFaceLoadModel"]["input"]["required"]["model_name"][1]["options"] == ["refldm"]
+
+
+@pytest.mark.parametrize("workflow", API, ids=[p.stem for p in API])
+def test_every_api_workflow_restores_with_websocket_progress(server, photos, tmp_path, workflow):
+    photo, refs = CASES[workflow.stem]
+    events = []
+    paths, texts = queue_restore(server, workflow, photos / photo, [photos / r for r in refs], tmp_path, events.append)
+    progress = [e["data"] for e in events if e["type"] == "progress"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 50  # one tick per sampling step
+    assert [p.name for p in paths] == [f"{Path(photo).stem}_restored.png"]
+    before, after = np.asarray(Image.open(photos / photo)), np.asarray(Image.open(paths[0]))
+    assert after.shape == before.shape
+    assert np.abs(after.astype(int) - before).mean() > 0.1  # the face changed
+    assert texts and texts[0].startswith("image 0:")  # the similarity report
+
+
+def test_interrupt_mid_run_then_the_next_run_works(server, photos):
+    client = ComfyClient(server)
+    workflow = json.loads(API[-1].read_text())
+    for node in workflow.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = 1000
+    photo = client.upload(photos / "macron_2.jpg", "e2e")
+    client.upload(photos / "macron_1.jpg", "e2e/references")
+    filled = fill_workflow(workflow, photo, "e2e/references")
+
+    def interrupt_at_first_step(event):
+        if event["type"] == "progress":
+            requests.post(server + "/interrupt", timeout=10)
+
+    with pytest.raises(RefFaceError, match="interrupted"):
+        client.run(filled, interrupt_at_first_step)
+    for node in filled.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = 5
+    assert client.run(filled, lambda event: None)["status"]["status_str"] == "success"
+
+
+def test_cli_comfy_queue_and_a_clear_error_from_the_server(server, photos, tmp_path, capsys):
+    group = API[0]
+    assert group.stem == "refface_group_photo"
+    args = ["comfy-queue", "--server", server, "--workflow", str(group), "--input", str(photos / "group.jpg")]
+    assert main([*args, "--ref", str(photos / "macron_1.jpg"), "--out", str(tmp_path)]) == 0
+    assert f"wrote {tmp_path / 'group_restored.png'}" in capsys.readouterr().out
+    assert main([*args, "--ref", str(photos / "obama.jpg"), "--out", str(tmp_path)]) == 1  # Obama is not in it
+    assert "no face in the photo matches the references" in capsys.readouterr().err
+
+
+def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
+    script = REPO / "tests" / "e2e" / "load_workflows.mjs"
+    if shutil.which("node") is None or not (script.parent / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs node and `npm ci` in tests/e2e (playwright-core), plus Debian's chromium")
+    out = Path(os.environ.get("REFFACE_E2E_SCREENSHOTS", tmp_path))
+    result = subprocess.run(
+        ["node", str(script), "--server", server, "--out", str(out), *map(str, EDITOR)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["workflow"] for r in reports] == [p.stem for p in EDITOR], result.stderr[-3000:]
+    for report in reports:
+        assert report["ok"] and report["missing"] == [], report
+        assert Path(report["screenshot"]).stat().st_size > 10_000
+    print("screenshots:", *(r["screenshot"] for r in reports))

