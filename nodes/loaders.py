@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
-import folder_paths
 from comfy_api.latest import io
 
 from refface_core import RefFaceRestorer
 from refface_core.context.farl import load_farl
 from refface_core.faces import load_face_analysis, opencv_zoo_models
 
-from .runtime import Offloadable, found, insightface_packs, model_dtype, model_path, restorer_names
+from .runtime import Offloadable, available, found, model_dtype, model_path
 from .types import FaRLModel, RefFaceModel
 
 OPENCV_ZOO = "opencv_zoo (offline YuNet + SFace)"
@@ -28,7 +27,7 @@ class LoadRestorer(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model_name",
-                    options=restorer_names(),
+                    options=available("refface"),
                     tooltip="A model folder in models/refface/ (config.json + model.safetensors), made from ReF-LDM's "
                     "refldm.ckpt and vqgan.ckpt with `refface convert`.",
                 ),
@@ -61,7 +60,7 @@ class LoadFaceAnalysis(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "models",
-                    options=[OPENCV_ZOO, *insightface_packs()],
+                    options=[OPENCV_ZOO, *available("insightface")],
                     default=OPENCV_ZOO,
                     tooltip="An insightface pack from models/insightface/models/<name>/ (antelopev2 or buffalo_l "
                     "give the ArcFace identity that Composite Context models need; non-commercial licence), or the "
@@ -73,11 +72,11 @@ class LoadFaceAnalysis(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, models: str) -> bool | str:
-        return models == OPENCV_ZOO or found("insightface", f"models/{models}")
+        return models == OPENCV_ZOO or found("insightface", models)
 
     @classmethod
     def execute(cls, models: str) -> io.NodeOutput:
-        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path("insightface", f"models/{models}")
+        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path("insightface", models)
         return io.NodeOutput(load_face_analysis(folder))
 
 
@@ -92,7 +91,7 @@ class LoadFaRL(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "farl_name",
-                    options=folder_paths.get_filename_list("farl"),
+                    options=available("farl"),
                     tooltip="A FaRL checkpoint in models/farl/, e.g. FaRL-Base-Patch16-LAIONFace20M-ep64.pth.",
                 ),
                 io.Combo.Input(

@@ -36,21 +36,27 @@ def register_model_folders() -> None:
         folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), extensions)
 
 
-def restorer_names() -> list[str]:
-    return sorted({os.path.dirname(f) for f in folder_paths.get_filename_list("refface") if f.endswith("config.json")})
-
-
-def insightface_packs() -> list[str]:
-    parts = [os.path.normpath(f).split(os.sep) for f in folder_paths.get_filename_list("insightface")]
-    return sorted({p[1] for p in parts if len(p) == 3 and p[0] == "models"})
+def available(folder: str) -> list[str]:
+    """What a loader's dropdown lists: model folders in refface/, packs in insightface/models/, files in farl/."""
+    files = folder_paths.get_filename_list(folder)
+    if folder == "refface":
+        return sorted(
+            {os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)}
+        )
+    if folder == "insightface":
+        parts = [os.path.normpath(f).split(os.sep) for f in files]
+        return sorted({p[1] for p in parts if len(p) == 3 and p[0] == "models"})
+    return files
 
 
 def model_path(folder: str, name: str) -> str:
-    """Where ``name`` is in one of ``models/<folder>/``'s paths, or a message naming the folder to put it in."""
+    """Where the listed model ``name`` is, or an error naming the folder to put it in."""
     paths = folder_paths.get_folder_paths(folder)
-    for base in paths:
-        if name and os.path.exists(os.path.join(base, name)):
-            return os.path.join(base, name)
+    if name in available(folder):
+        relative = os.path.join("models", name) if folder == "insightface" else name
+        for base in paths:
+            if os.path.exists(os.path.join(base, relative)):
+                return os.path.join(base, relative)
     raise RefFaceError(f"{name!r} is not in models/{folder}/ (looked in {', '.join(paths)}); {HOW_TO_GET[folder]}")
 
 

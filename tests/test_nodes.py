@@ -24,7 +24,9 @@ NODE_IDS = [
 ]  # fmt: skip
 ZOO = "opencv_zoo (offline YuNet + SFace)"
 API = sorted((REPO / "workflows" / "api").glob("*.json"))
+EDITOR = sorted((REPO / "workflows").glob("*.json"))
 FILE_COMBOS = {"model_name", "farl_name", "image"}  # list the user's own files
+FRONTEND_WIDGETS = {"control_after_generate", "upload"}  # the editor's own, never sent to the server
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +271,26 @@ def test_api_workflows_use_existing_nodes_and_valid_inputs(pack, path):
                 assert extra.get("min", -math.inf) <= value <= extra.get("max", math.inf), (node_id, name)
             else:
                 assert kind == "STRING" and isinstance(value, str), (node_id, name)
+
+
+@pytest.mark.parametrize("path", EDITOR, ids=[p.stem for p in EDITOR])
+def test_editor_workflows_are_the_api_graphs_with_consistent_links(pack, path):
+    """Each editor workflow, read as the frontend queues it, is its API workflow; every link joins matching types."""
+    editor = json.loads(path.read_text())
+    nodes = {node["id"]: node for node in editor["nodes"]}
+    queued = {}
+    for node in editor["nodes"]:
+        specs = input_specs(pack.node_class(node["type"]))
+        widgets = {k: v for k, v in node.get("widgets_values_named", {}).items() if k not in FRONTEND_WIDGETS}
+        assert set(widgets) <= set(specs), (node["type"], set(widgets) - set(specs))
+        queued[str(node["id"])] = {"class_type": node["type"], "inputs": widgets}
+    for link_id, source, slot, target, target_slot, kind in editor["links"]:
+        output = nodes[source]["outputs"][slot]
+        socket = nodes[target]["inputs"][target_slot]
+        assert link_id in output["links"] and socket["link"] == link_id
+        assert output["type"] == socket["type"] == kind
+        assert pack.node_class(nodes[source]["type"]).RETURN_TYPES[slot] == kind
+        queued[str(target)]["inputs"][socket["name"]] = [str(source), slot]
+    api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+    assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert editor["version"] == 0.4 and editor["last_link_id"] == len(editor["links"])

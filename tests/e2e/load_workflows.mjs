@@ -9,7 +9,8 @@
 //
 // Env: CHROMIUM_PATH (default /usr/bin/chromium)
 //
-// Output: one JSON line per workflow on stdout (diagnostics go to stderr).
+// Output: one JSON line per workflow on stdout (diagnostics go to stderr), with
+// the API prompt the frontend would queue for it ("prompt").
 // Exit status: 0 all workflows loaded with no missing nodes,
 //              1 some workflow had missing nodes or failed to load,
 //              2 usage error / browser or frontend start-up failure.
@@ -367,6 +368,8 @@ async function main() {
           file: r.fileUnregistered // types in the JSON not in LiteGraph.registered_node_types
         }
         result.ui_messages = await collectUiMessages(page)
+        // The API prompt the frontend would queue for this graph (what "Queue" sends).
+        result.prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output).catch(() => null)
         if (r.error) result.error = `load threw: ${r.error}`
         else if (g.topLevel !== r.fileNodeCount)
           result.error = `graph has ${g.topLevel} top-level nodes, file has ${r.fileNodeCount} (load failed or graph replaced?)`

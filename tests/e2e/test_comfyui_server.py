@@ -37,6 +37,11 @@ CASES = {
     "refface_group_photo": ("group.jpg", ["macron_1.jpg"]),
 }
 
+EXAMPLE_IMAGES = {
+    "photo.jpg": "macron_2.jpg", "group_photo.jpg": "macron_2.jpg", "reference.jpg": "macron_1.jpg",
+    "reference_1.jpg": "macron_1.jpg", "reference_2.jpg": "obama.jpg", "reference_3.jpg": "macron_2.jpg",
+}  # fmt: skip
+
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="end-to-end: set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its Python)"
@@ -60,8 +65,10 @@ def photos(tmp_path_factory):
 def server(tmp_path_factory):
     """ComfyUI on a free 127.0.0.1 port, in its own base folder: this pack, a tiny model as models/refface/refldm."""
     base = tmp_path_factory.mktemp("comfyui")
-    for folder in ("custom_nodes", "user"):
+    for folder in ("custom_nodes", "user", "input"):
         (base / folder).mkdir()
+    for name, photo in EXAMPLE_IMAGES.items():  # the images the example workflows name
+        shutil.copy(FACES / photo, base / "input" / name)
     (base / "custom_nodes" / "refface").symlink_to(REPO)
     tiny_restorer(seed=6).save_pretrained(base / "models" / "refface" / "refldm")
     with socket.socket() as s:
@@ -94,10 +101,12 @@ def server(tmp_path_factory):
     assert "IMPORT FAILED" not in (base / "server.log").read_text()
 
 
-def test_object_info_lists_every_node(server):
+def test_object_info_lists_every_node_and_the_examples_are_templates(server):
     info = requests.get(server + "/object_info", timeout=30).json()
     assert NODE_IDS <= set(info)
     assert info["RefFaceLoadModel"]["input"]["required"]["model_name"][1]["options"] == ["refldm"]
+    templates = requests.get(server + "/api/workflow_templates", timeout=30).json()
+    assert sorted(templates["refface"]) == [p.stem for p in EDITOR]
 
 
 @pytest.mark.parametrize("workflow", API, ids=[p.stem for p in API])
@@ -157,7 +166,10 @@ def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
     )  # fmt: skip
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["workflow"] for r in reports] == [p.stem for p in EDITOR], result.stderr[-3000:]
-    for report in reports:
+    for report, editor in zip(reports, EDITOR, strict=True):
         assert report["ok"] and report["missing"] == [], report
         assert Path(report["screenshot"]).stat().st_size > 10_000
+        api = json.loads((REPO / "workflows" / "api" / editor.name).read_text())
+        queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
+        assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     print("screenshots:", *(r["screenshot"] for r in reports))
