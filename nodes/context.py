@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .runtime import Offloadable, to_arrays
+from .runtime import Offloadable, load_on_device, to_arrays
 from .types import ContextType, FaRLModel, Identity, IdentityType, RefFaceModel
 
 
@@ -40,7 +40,6 @@ class BuildCompositeContext(io.ComfyNode):
         farl: Offloadable | None = None,
         identity: Identity | None = None,
     ) -> io.NodeOutput:
-        restorer = model.loaded()
-        encoder = farl.loaded() if farl is not None else None
+        restorer, *encoder = load_on_device(model, *([farl] if farl is not None else []))
         embeddings = identity.embeddings if identity is not None else None
-        return io.NodeOutput(restorer.encode_context(to_arrays(references), embeddings, encoder))
+        return io.NodeOutput(restorer.encode_context(to_arrays(references), embeddings, *encoder))

@@ -9,7 +9,7 @@ from refface_core import RefFaceRestorer
 from refface_core.context.farl import load_farl
 from refface_core.faces import load_face_analysis, opencv_zoo_models
 
-from .runtime import Offloadable, available, found, model_dtype, model_path
+from .runtime import INSIGHTFACE, Offloadable, available, found, model_dtype, model_path
 from .types import FaRLModel, RefFaceModel
 
 OPENCV_ZOO = "opencv_zoo (offline YuNet + SFace)"
@@ -60,7 +60,7 @@ class LoadFaceAnalysis(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "models",
-                    options=[OPENCV_ZOO, *available("insightface")],
+                    options=[OPENCV_ZOO, *available(INSIGHTFACE)],
                     default=OPENCV_ZOO,
                     tooltip="An insightface pack from models/insightface/models/<name>/ (antelopev2 or buffalo_l "
                     "give the ArcFace identity that Composite Context models need; non-commercial licence), or the "
@@ -72,11 +72,11 @@ class LoadFaceAnalysis(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, models: str) -> bool | str:
-        return models == OPENCV_ZOO or found("insightface", models)
+        return models == OPENCV_ZOO or found(INSIGHTFACE, models)
 
     @classmethod
     def execute(cls, models: str) -> io.NodeOutput:
-        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path("insightface", models)
+        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path(INSIGHTFACE, models)
         return io.NodeOutput(load_face_analysis(folder))
 
 

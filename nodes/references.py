@@ -7,6 +7,7 @@ from pathlib import Path
 
 import folder_paths
 import numpy as np
+import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
@@ -28,15 +29,22 @@ def threshold_input() -> io.Float.Input:
 
 
 def folder_photos(folder: str) -> list[Path]:
-    """Photos in ``folder`` (absolute, or relative to ComfyUI's input folder), sorted by name."""
-    path = Path(folder).expanduser()
-    path = path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    """Photos in ``folder``, a folder inside ComfyUI's input folder (as LoadImage, nothing outside it is read)."""
+    inputs = Path(folder_paths.get_input_directory()).resolve()
+    path = (inputs / folder).resolve()
+    if not path.is_relative_to(inputs):
+        raise RefFaceError(f"the reference folder must be inside ComfyUI's input folder {inputs}, got {folder!r}")
     if not path.is_dir():
-        raise RefFaceError(f"reference folder not found: {path}")
+        raise RefFaceError(f"reference folder not found: {path} (put the photos in a folder inside {inputs})")
     photos = sorted(p for p in path.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     if not photos:
         raise RefFaceError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in the reference folder {path}")
     return photos
+
+
+def same_person_threshold(analysis: FaceAnalysis, threshold: float) -> float:
+    """The node's threshold, -1 meaning the face model's own."""
+    return analysis.same_person_threshold if threshold < 0 else threshold
 
 
 def identity_of(identity: Identity, analysis: FaceAnalysis) -> np.ndarray:
@@ -72,7 +80,7 @@ class LoadReferenceFaces(io.ComfyNode):
                 io.String.Input(
                     "folder",
                     default="",
-                    tooltip="Also use every photo in this folder (absolute, or relative to ComfyUI's input folder).",
+                    tooltip="Also use every photo in this folder, a folder inside ComfyUI's input folder.",
                 ),
                 io.Int.Input("keep", default=0, min=0, max=64, tooltip="Use only the best K references (0 = all)."),
                 threshold_input(),
@@ -94,7 +102,12 @@ class LoadReferenceFaces(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, face_analysis: FaceAnalysis, folder: str, keep: int, threshold: float, references: dict | None = None
+        cls,
+        face_analysis: FaceAnalysis,
+        folder: str,
+        keep: int,
+        threshold: float,
+        references: dict[str, torch.Tensor | None] | None = None,
     ) -> io.NodeOutput:
         photos, names = [], []
         for slot in sorted(references or {}, key=lambda name: int(name.removeprefix("reference"))):
@@ -107,9 +120,8 @@ class LoadReferenceFaces(io.ComfyNode):
             names.append(os.path.basename(path))
         if not photos:
             raise RefFaceError("no reference photos: connect at least one image or set a folder")
-        refs = prepare_references(
-            face_analysis, photos, ALIGNED_SIZE, names, keep or None, None if threshold < 0 else threshold
-        )
+        threshold = same_person_threshold(face_analysis, threshold)
+        refs = prepare_references(face_analysis, photos, ALIGNED_SIZE, names, keep or None, threshold)
         report = "\n".join(f"{names[r.index]}: {r.describe()}" for r in refs.reports)
         if not refs.crops:
             raise RefFaceError(f"every reference was flagged as another person:\n{report}")
@@ -132,7 +144,7 @@ class IdentityEmbedding(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, face_analysis: FaceAnalysis, image: object) -> io.NodeOutput:
+    def execute(cls, face_analysis: FaceAnalysis, image: torch.Tensor) -> io.NodeOutput:
         arrays = to_arrays(image)
         embeddings = main_face_embeddings(face_analysis, arrays, [f"image {i}" for i in range(len(arrays))])
         return io.NodeOutput(Identity(embeddings, face_analysis.name))
@@ -161,9 +173,11 @@ class IdentitySimilarity(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, face_analysis: FaceAnalysis, image: object, identity: Identity, threshold: float) -> io.NodeOutput:
+    def execute(
+        cls, face_analysis: FaceAnalysis, image: torch.Tensor, identity: Identity, threshold: float
+    ) -> io.NodeOutput:
         person = identity_of(identity, face_analysis)
-        threshold = face_analysis.same_person_threshold if threshold < 0 else threshold
+        threshold = same_person_threshold(face_analysis, threshold)
         lines, best = [], []
         for i, photo in enumerate(to_arrays(image)):
             faces = face_analysis.detect(photo)

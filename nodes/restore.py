@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import comfy.model_management as mm
 import numpy as np
 import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.faces import FaceAnalysis, align_face, paste_back, paste_mask
+from refface_core.faces import Face, FaceAnalysis, align_face, paste_back, paste_mask
 from refface_core.model import CompositeContext
 from refface_core.pipeline import SELECT_MODES, choose_faces, face_similarity, restore_faces
 from refface_core.sampling import GUIDANCES, SOLVERS, SPACINGS
 
-from .references import ALIGNED_SIZE, identity_of, threshold_input
-from .runtime import Offloadable, SamplingProgress, to_arrays, to_image
+from .references import ALIGNED_SIZE, identity_of, same_person_threshold, threshold_input
+from .runtime import Offloadable, SamplingProgress, load_on_device, to_arrays, to_image
 from .types import ContextType, FaceCrops, FaceCropsType, Identity, IdentityType, RefFaceModel
 
 log = logging.getLogger("refface")
@@ -101,7 +103,7 @@ class RefFaceRestore(io.ComfyNode):
     def execute(
         cls, model: Offloadable, context: CompositeContext, faces: torch.Tensor, seed: int, **options: Any
     ) -> io.NodeOutput:
-        restorer = model.loaded()
+        (restorer,) = load_on_device(model)
         crops = to_arrays(faces)
         progress = SamplingProgress(restorer, len(crops), options["steps"])
         restored = [
@@ -143,26 +145,45 @@ class CropFaces(io.ComfyNode):
         size: int,
         identity: Identity | None = None,
     ) -> io.NodeOutput:
-        threshold = face_analysis.same_person_threshold if threshold < 0 else threshold
         crops, affines, sources, boxes = [], [], [], []
         for i, photo in enumerate(to_arrays(image)):
-            faces = face_analysis.detect(photo)
-            similarity = None
-            if identity is not None and faces:
-                similarity = face_similarity(face_analysis.embed(photo, faces), identity_of(identity, face_analysis))
-            chosen = choose_faces(faces, similarity, select, threshold, log.info)
-            boxes.append([box(faces[k], similarity, k) for k in chosen])
-            for k in chosen:
+            faces, targets, similarity = find_faces(face_analysis, photo, identity, select, threshold, log.info)
+            boxes.append([box(faces[k], None if similarity is None else similarity[k]) for k in targets])
+            for k in targets:
                 crop, affine = align_face(photo, faces[k].landmarks, size)
                 crops.append(crop)
                 affines.append(affine)
                 sources.append(i)
+        if not crops:
+            raise RefFaceError(f"no face to crop in any of the {len(boxes)} images (select: {select})")
         return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size), boxes)
 
 
-def box(face: Any, similarity: np.ndarray | None, k: int) -> dict:
+def find_faces(
+    analysis: FaceAnalysis,
+    photo: np.ndarray,
+    identity: Identity | None,
+    select: str,
+    threshold: float,
+    log: Callable[[str], None],
+) -> tuple[list[Face], list[int], np.ndarray | None]:
+    """The photo's faces, the chosen ones (none, with a log line, where no face is found or matches), and each
+    face's similarity to the person when ``identity`` is given."""
+    faces = analysis.detect(photo)
+    similarity = None
+    if identity is not None and faces:
+        similarity = face_similarity(analysis.embed(photo, faces), identity_of(identity, analysis))
+    try:
+        targets = choose_faces(faces, similarity, select, same_person_threshold(analysis, threshold), log)
+    except RefFaceError as e:
+        log(str(e))
+        return faces, [], similarity
+    return faces, targets, similarity
+
+
+def box(face: Face, similarity: float | None) -> dict[str, float | str]:
     x1, y1, x2, y2 = (float(v) for v in face.bbox)
-    label = "face" if similarity is None else f"face {similarity[k]:.2f}"
+    label = "face" if similarity is None else f"face {similarity:.2f}"
     return {"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1, "label": label, "score": float(face.score)}
 
 
@@ -196,7 +217,7 @@ class PasteFaces(io.ComfyNode):
         for face, affine, i in zip(restored, crops.affines, crops.image_index, strict=True):
             photos[i] = paste_back(photos[i], face, affine, crops.size)
             masks[i] = np.maximum(masks[i], paste_mask(affine, crops.size, photos[i].shape))
-        return io.NodeOutput(to_image(photos), torch.from_numpy(np.stack(masks)).to(faces.device))
+        return io.NodeOutput(to_image(photos), torch.from_numpy(np.stack(masks)).to(mm.intermediate_device()))
 
 
 class RestorePhoto(io.ComfyNode):
@@ -237,23 +258,26 @@ class RestorePhoto(io.ComfyNode):
         identity: Identity | None = None,
         **options: Any,
     ) -> io.NodeOutput:
-        threshold = face_analysis.same_person_threshold if threshold < 0 else threshold
         lines: list[str] = []
+
+        def report_for(i: int) -> Callable[[str], None]:
+            return lambda line: lines.append(f"image {i}: {line}")
+
         plans = []
         for i, photo in enumerate(to_arrays(image)):
-            faces = face_analysis.detect(photo)
-            similarity = None
-            if identity is not None and faces:
-                similarity = face_similarity(face_analysis.embed(photo, faces), identity_of(identity, face_analysis))
-            lines.append(f"image {i}: {len(faces)} face(s)")
-            plans.append((photo, faces, choose_faces(faces, similarity, select, threshold, lines.append), similarity))
-        restorer = model.loaded()
+            say = report_for(i)
+            faces, targets, similarity = find_faces(face_analysis, photo, identity, select, threshold, say)
+            say(f"{len(faces)} face(s), restoring {len(targets)}")
+            plans.append((photo, faces, targets, similarity, say))
+        if not any(plan[2] for plan in plans):
+            raise RefFaceError("no face restored:\n" + "\n".join(lines))
+        (restorer,) = load_on_device(model)
         progress = SamplingProgress(restorer, sum(len(plan[2]) for plan in plans), options["steps"])
         restored = [
             restore_faces(
-                restorer, photo, faces, targets, context, similarity, lines.append,
+                restorer, photo, faces, targets, context, similarity, say,
                 seed=seed, callback=progress, **sample_options(**options),
             )
-            for photo, faces, targets, similarity in plans
+            for photo, faces, targets, similarity, say in plans
         ]  # fmt: skip
         return io.NodeOutput(to_image(restored), "\n".join(lines))

@@ -14,16 +14,17 @@ from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
 from refface_core import RefFaceError, RefFaceRestorer
+from refface_core.images import from_model_tensor
 
-# models/<folder>/ -> the file endings its dropdowns list
+# our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {
     "refface": {".json"},  # a model is a folder: <name>/config.json + model.safetensors
     "farl": {".pth", ".pt", ".ckpt", ".safetensors"},
-    "insightface": {".onnx"},  # packs in models/insightface/models/<name>/, shared with InstantID and IPAdapter
 }
+INSIGHTFACE = "insightface"  # packs in models/insightface/models/<name>/, shared with InstantID and IPAdapter
 HOW_TO_GET = {
-    "refface": "make one from ReF-LDM's refldm.ckpt and vqgan.ckpt with "
-    "`refface convert --refldm-unet refldm.ckpt --refldm-vq vqgan.ckpt --out <ComfyUI>/models/refface/refldm`",
+    "refface": "make one from ReF-LDM's refldm.ckpt and vqgan.ckpt, in the pack's folder: `python -m refface_core "
+    "convert --refldm-unet refldm.ckpt --refldm-vq vqgan.ckpt --out <ComfyUI>/models/refface/refldm`",
     "farl": "download FaRL-Base-Patch16-LAIONFace20M-ep64.pth into it",
     "insightface": "put an insightface pack such as antelopev2 or buffalo_l in models/insightface/models/<name>/",
 }
@@ -34,18 +35,29 @@ def register_model_folders() -> None:
     for name, extensions in MODEL_FOLDERS.items():
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
         folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), extensions)
+    # other packs may own this one: add our path, leave their file-ending list alone
+    folder_paths.add_model_folder_path(INSIGHTFACE, os.path.join(folder_paths.models_dir, INSIGHTFACE))
 
 
 def available(folder: str) -> list[str]:
     """What a loader's dropdown lists: model folders in refface/, packs in insightface/models/, files in farl/."""
+    if folder == INSIGHTFACE:
+        roots = [os.path.join(base, "models") for base in folder_paths.get_folder_paths(INSIGHTFACE)]
+        return sorted(
+            {
+                name
+                for root in roots
+                if os.path.isdir(root)
+                for name in os.listdir(root)
+                if os.path.isdir(os.path.join(root, name))
+                and any(f.endswith(".onnx") for f in os.listdir(os.path.join(root, name)))
+            }
+        )
     files = folder_paths.get_filename_list(folder)
     if folder == "refface":
         return sorted(
             {os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)}
         )
-    if folder == "insightface":
-        parts = [os.path.normpath(f).split(os.sep) for f in files]
-        return sorted({p[1] for p in parts if len(p) == 3 and p[0] == "models"})
     return files
 
 
@@ -53,7 +65,7 @@ def model_path(folder: str, name: str) -> str:
     """Where the listed model ``name`` is, or an error naming the folder to put it in."""
     paths = folder_paths.get_folder_paths(folder)
     if name in available(folder):
-        relative = os.path.join("models", name) if folder == "insightface" else name
+        relative = os.path.join("models", name) if folder == INSIGHTFACE else name
         for base in paths:
             if os.path.exists(os.path.join(base, relative)):
                 return os.path.join(base, relative)
@@ -92,9 +104,11 @@ class Offloadable:
             size=mm.module_size(holder),
         )
 
-    def loaded(self) -> torch.nn.Module:
-        mm.load_model_gpu(self.patcher)
-        return self.model
+
+def load_on_device(*models: Offloadable) -> list[torch.nn.Module]:
+    """Load these models together, whole (plain torch layers cannot run half on the GPU, half off it)."""
+    mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
+    return [m.model for m in models]
 
 
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
@@ -110,7 +124,7 @@ def to_image(arrays: list[np.ndarray]) -> torch.Tensor:
 
 class SamplingProgress:
     """Sampling callback: one progress tick per step over all faces, a decoded preview about ten times per face
-    (unless previews are off), and the Cancel button checked every step."""
+    (unless previews are off), and the Cancel button checked after every step."""
 
     def __init__(self, restorer: RefFaceRestorer, faces: int, steps: int) -> None:
         self.restorer, self.every, self.done = restorer, max(1, steps // 10), 0
@@ -121,6 +135,6 @@ class SamplingProgress:
         self.done += 1
         preview = None
         if args.preview_method != LatentPreviewMethod.NoPreviews and (step % self.every == 0 or step == total):
-            face = self.restorer.decode(x0[:1])[0].permute(1, 2, 0).add(1).mul(127.5)
-            preview = ("JPEG", Image.fromarray(face.clamp(0, 255).byte().cpu().numpy()), args.preview_size)
+            face = from_model_tensor(self.restorer.decode(x0[:1]), like=np.zeros((1, 1, 3), np.uint8))
+            preview = ("JPEG", Image.fromarray(face), args.preview_size)
         self.bar.update_absolute(self.done, preview=preview)

@@ -126,9 +126,11 @@ def restore_photo(
     threshold = analysis.same_person_threshold if threshold is None else threshold
     embeddings = analysis.embed(photo, faces)
 
-    single = select if isinstance(select, int) else (0 if len(faces) == 1 or select == "largest" else None)
+    # everything but "matching" is decided before any reference work, so a wrong choice fails at once
+    targets = None if select == "matching" else choose_faces(faces, None, select, threshold, log)
+    single = targets[0] if targets is not None and len(targets) == 1 else (0 if len(faces) == 1 else None)
     lq_embedding = None
-    if single is not None and single < len(faces) and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
+    if single is not None and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
         lq_embedding = embeddings[single]
     names = reference_names or [f"reference {i}" for i in range(len(reference_photos))]
     refs = prepare_references(analysis, reference_photos, restorer.image_size, names, keep, threshold, lq_embedding)
@@ -137,7 +139,8 @@ def restore_photo(
     if not refs.crops:
         raise RefFaceError("every reference was flagged as another person; check the reference photos")
     similarity = face_similarity(embeddings, refs.embeddings)
-    targets = choose_faces(faces, similarity, select, threshold, log)
+    if targets is None:
+        targets = choose_faces(faces, similarity, select, threshold, log)
     context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
     return restore_faces(restorer, photo, faces, targets, context, similarity, log, **sample_options)
 

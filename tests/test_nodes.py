@@ -105,7 +105,7 @@ def test_loaders_list_the_model_folders_and_name_the_folder_for_a_missing_model(
     assert farl == ["farl_tiny.safetensors"]
     message = pack.classes["RefFaceLoadModel"].validate_inputs(model_name="refldm")
     assert "'refldm' is not in models/refface/" in message and str(pack.models / "refface") in message
-    assert "refface convert" in message
+    assert "python -m refface_core convert" in message
     assert pack.classes["RefFaceLoadModel"].validate_inputs(model_name="tiny") is True
     assert "models/insightface/models/<name>/" in pack.classes["RefFaceLoadFaceAnalysis"].validate_inputs(
         models="antelopev2"
@@ -181,16 +181,21 @@ def test_cancel_stops_a_restore_mid_way_and_the_next_one_runs(pack, person, monk
     assert restored.shape == (1, 32, 32, 3)
 
 
-def test_restore_photo_restores_only_the_persons_face_in_a_group(pack, person):
-    group = side_by_side("macron_2", "ardern_1")
+def test_restore_photo_restores_only_the_persons_faces_in_a_batch(pack, person):
+    group, strangers = side_by_side("macron_2", "ardern_1"), side_by_side("obama", "sunak")
+    batch = torch.cat([group, strangers])
     restored, report = pack.run(
         "RefFaceRestorePhoto", model=person.model, context=person.context, face_analysis=person.analysis,
-        image=group, select="matching", identity=person.identity, threshold=-1.0, **SAMPLING,
+        image=batch, select="matching", identity=person.identity, threshold=-1.0, **SAMPLING,
     )  # fmt: skip
-    assert "image 0: 2 face(s)" in report and report.count("restoring (similarity") == 1
+    lines = report.splitlines()
+    assert "image 0: 2 face(s), restoring 1" in lines and "image 1: 2 face(s), restoring 0" in lines
+    assert any(line.startswith("image 0: face ") and "restoring (similarity" in line for line in lines)
+    assert any(line.startswith("image 1: no face in the photo matches the references") for line in lines)
     assert torch.equal(restored[0, :, 400:], group[0, :, 400:])  # Ardern's half untouched
     assert not torch.equal(restored[0, :, :400], group[0, :, :400])
-    with pytest.raises(Exception, match="needs the person's identity"):
+    assert torch.equal(restored[1], strangers[0])  # no match: passed through, as the report says
+    with pytest.raises(Exception, match="no face restored:\n.*needs the person's identity"):
         pack.run(
             "RefFaceRestorePhoto", model=person.model, context=person.context, face_analysis=person.analysis,
             image=group, select="matching", threshold=-1.0, **SAMPLING,
@@ -205,27 +210,39 @@ def test_composite_context_model_takes_farl_and_identity(pack, person):
     identity = pack.run("RefFaceIdentityEmbedding", face_analysis=person.analysis, image=person.refs)[0]
     same = (identity.embeddings * person.identity.embeddings).sum(1)  # re-detected on the aligned crops
     assert identity.embeddings.shape == (2, 128) and (same > 0.8).all()
+    one = type(identity)(identity.embeddings[:1], identity.face_model)
+    with pytest.raises(Exception, match="2 reference faces need one identity embedding each, got shape \\(1, 128\\)"):
+        pack.run("RefFaceBuildContext", model=model, references=person.refs, farl=farl, identity=one)
     context = pack.run("RefFaceBuildContext", model=model, references=person.refs, farl=farl, identity=identity)[0]
     assert context.tokens is not None and context.tokens.shape[:2] == (1, 2)
     restored = pack.run("RefFaceRestore", model=model, context=context, faces=person.refs, **SAMPLING)[0]
     assert restored.shape == (2, 32, 32, 3)
 
 
-def test_reference_folder_and_its_fingerprint(pack, person, tmp_path):
-    cls = pack.classes["RefFaceLoadReferences"]
+def test_reference_folder_inside_the_input_folder_and_its_fingerprint(pack, person, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    album = tmp_path / "album"
+    album.mkdir()
     for name in ("macron_1", "macron_2"):
-        (tmp_path / f"{name}.jpg").write_bytes((DATA / f"{name}.jpg").read_bytes())
-    before = cls.fingerprint_inputs(folder=str(tmp_path))
+        (album / f"{name}.jpg").write_bytes((DATA / f"{name}.jpg").read_bytes())
+    cls = pack.classes["RefFaceLoadReferences"]
+    before = cls.fingerprint_inputs(folder="album")
     refs, identity, report = pack.run(
-        "RefFaceLoadReferences", face_analysis=person.analysis, folder=str(tmp_path), keep=1, threshold=-1.0
+        "RefFaceLoadReferences", face_analysis=person.analysis, folder="album", keep=1, threshold=-1.0
     )
     assert refs.shape[0] == 1 and len(report.splitlines()) == 2 and "macron_1.jpg" in report
-    (tmp_path / "ardern_1.jpg").write_bytes((DATA / "ardern_1.jpg").read_bytes())
-    assert cls.fingerprint_inputs(folder=str(tmp_path)) != before  # ComfyUI re-runs the node
-    with pytest.raises(Exception, match="no reference photos"):
-        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="", keep=0, threshold=-1.0)
-    with pytest.raises(Exception, match="reference folder not found"):
-        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="nope", keep=0, threshold=-1.0)
+    (album / "ardern_1.jpg").write_bytes((DATA / "ardern_1.jpg").read_bytes())
+    assert cls.fingerprint_inputs(folder="album") != before  # ComfyUI re-runs the node
+    for folder, problem in [
+        ("", "no reference photos"),
+        ("nope", "reference folder not found"),
+        ("../", "must be inside ComfyUI's input folder"),
+        (str(DATA), "must be inside ComfyUI's input folder"),  # an absolute path elsewhere
+    ]:
+        with pytest.raises(Exception, match=problem):
+            pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder=folder, keep=0, threshold=-1.0)
 
 
 def test_identity_of_another_face_model_is_refused(pack, person):
@@ -273,6 +290,18 @@ def test_api_workflows_use_existing_nodes_and_valid_inputs(pack, path):
                 assert kind == "STRING" and isinstance(value, str), (node_id, name)
 
 
+def widget_order(cls) -> list[str]:
+    """The order of an editor node's widgets_values: its widget inputs, each followed by the frontend's own extras."""
+    types = cls.INPUT_TYPES()
+    order = []
+    for name, (kind, *extra) in {**types.get("required", {}), **types.get("optional", {})}.items():
+        if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(kind, list):
+            options = extra[0] if extra else {}
+            order += [name] + ["control_after_generate"] * bool(options.get("control_after_generate"))
+            order += ["upload"] * bool(options.get("image_upload"))
+    return order
+
+
 @pytest.mark.parametrize("path", EDITOR, ids=[p.stem for p in EDITOR])
 def test_editor_workflows_are_the_api_graphs_with_consistent_links(pack, path):
     """Each editor workflow, read as the frontend queues it, is its API workflow; every link joins matching types."""
@@ -281,7 +310,13 @@ def test_editor_workflows_are_the_api_graphs_with_consistent_links(pack, path):
     queued = {}
     for node in editor["nodes"]:
         specs = input_specs(pack.node_class(node["type"]))
-        widgets = {k: v for k, v in node.get("widgets_values_named", {}).items() if k not in FRONTEND_WIDGETS}
+        order = widget_order(pack.node_class(node["type"]))
+        named = node.get("widgets_values_named", {})
+        values = node.get("widgets_values", [])  # what the frontend reads, by position
+        assert values == [named[k] for k in order if k in named] and len(values) == len(named), node["type"]
+        if node["type"] in NODE_IDS:
+            assert list(named) == order
+        widgets = {k: v for k, v in named.items() if k not in FRONTEND_WIDGETS}
         assert set(widgets) <= set(specs), (node["type"], set(widgets) - set(specs))
         queued[str(node["id"])] = {"class_type": node["type"], "inputs": widgets}
     for link_id, source, slot, target, target_slot, kind in editor["links"]:

@@ -47,7 +47,9 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, crop_siz
     """Blend ``crop`` (aligned with ``affine``) back into a copy of ``photo``; call once per face. ``crop_size``:
     the size ``affine`` was made for, when the crop has been resized since."""
     if crop_size is not None:
-        affine = affine * (crop.shape[0] / crop_size)
+        scale = crop.shape[0] / crop_size
+        affine = affine * scale
+        affine[:, 2] += (scale - 1) / 2  # pixel centres: (u + 0.5) · scale − 0.5
     h, w = photo.shape[:2]
     inverse = cv2.invertAffineTransform(affine)
     warped = cv2.warpAffine(crop, inverse, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)

@@ -296,6 +296,11 @@ class RefFaceRestorer(nn.Module):
                 f"({self.context_encoder.identity_encoder} {self.context_encoder.identity_dim}-d) and a FaRL encoder"
             )
         identity = torch.as_tensor(identity, dtype=torch.float32, device=self.device)
+        if identity.dim() != 2 or len(identity) != len(reference_faces):
+            raise RefFaceError(
+                f"{len(reference_faces)} reference faces need one identity embedding each, got shape "
+                f"{tuple(identity.shape)}"
+            )
         self.context_encoder.check_identity(identity)
         appearance = farl.hidden_states(faces.to(farl.model.device), self.context_encoder.appearance_layers)
         tokens = self.context_encoder(identity, [h.to(self.device) for h in appearance])
