@@ -77,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_face_models_option(similarity)
     similarity.set_defaults(run=run_similarity)
 
+    train = commands.add_parser(
+        "train", help="fine-tune with Composite Context and the HID loss (several GPUs: accelerate launch)"
+    )
+    train.add_argument("--config", required=True, type=Path, help="training config (YAML; see README)")
+    train.add_argument(
+        "--resume", nargs="?", const="latest", metavar="CHECKPOINT", help="continue from the latest checkpoint (or one)"
+    )
+    train.set_defaults(run=run_train)
+
+    degrade = commands.add_parser("degrade", help="write a reproducible low-quality test set from HQ images")
+    degrade.add_argument("--input", required=True, type=Path, help="folder of HQ images")
+    degrade.add_argument("--out", required=True, type=Path, help="folder for the LQ images (PNG, same names)")
+    degrade.add_argument("--preset", default="moderate", help="moderate, severe or train (default moderate)")
+    degrade.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
+    degrade.set_defaults(run=run_degrade)
+
     queue = commands.add_parser(
         "comfy-queue", help="restore a photo through a running ComfyUI server with an API-format workflow"
     )
@@ -233,6 +249,31 @@ def run_restore(args: argparse.Namespace) -> int:
             )  # fmt: skip
     save_image(restored, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+    from .training.trainer import train
+
+    final = train(load_config(args.config), resume=args.resume)
+    print(f"wrote {final}")
+    return 0
+
+
+def run_degrade(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .training.degradations import degrade_folder
+
+    with tqdm(unit="image", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        written = degrade_folder(args.input, args.out, args.preset, args.seed, progress)
+    print(f"wrote {len(written)} images to {args.out} ({args.preset}, seed {args.seed})")
     return 0
 
 

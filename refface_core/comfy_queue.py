@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 import uuid
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RefFaceError, listing
-from .files import write_atomic
 
 INPUT_TITLE = "Input photo"  # the API workflow's LoadImage node that gets the photo
 REFERENCES_NODE = "RefFaceLoadReferences"
@@ -65,11 +65,14 @@ class ComfyClient:
             raise RefFaceError(f"ComfyUI answered {response.status_code} to {method} {path}: {response.text[:500]}")
         return response
 
-    def upload(self, path: Path, subfolder: str) -> str:
-        """Upload an image into ComfyUI's input folder; returns the name LoadImage knows it by."""
+    def upload(self, path: Path, subfolder: str, name: str | None = None) -> str:
+        """Upload an image into ComfyUI's input folder (as ``name``, default its own); returns the name LoadImage
+        knows it by. Without overwrite the server keeps an identical file of that name untouched (its mtime too, so
+        caches keyed on it stay valid) and saves a different one as "name (1).ext"."""
         with open(path, "rb") as f:
-            data = {"subfolder": subfolder, "type": "input", "overwrite": "true"}
-            answer = self._request("POST", "/upload/image", files={"image": (path.name, f)}, data=data).json()
+            data = {"subfolder": subfolder, "type": "input"}
+            files = {"image": (name or path.name, f)}
+            answer = self._request("POST", "/upload/image", files=files, data=data).json()
         return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
     def run(self, workflow: dict[str, Any], progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -81,12 +84,21 @@ class ComfyClient:
             ws = websocket.create_connection(ws_url, timeout=self.timeout)
         except (OSError, websocket.WebSocketException) as e:
             raise RefFaceError(f"cannot open ComfyUI's websocket {ws_url}: {e}") from None
+        prompt_id = None
         try:
             answer = self._request("POST", "/prompt", json={"prompt": workflow, "client_id": self.client_id})
             prompt_id = answer.json()["prompt_id"]
             ws.settimeout(None)  # a restore may run for minutes between events
             while True:
-                message = ws.recv()
+                try:
+                    message = ws.recv()
+                    if message == "":  # a close frame (ComfyUI never sends empty messages)
+                        raise websocket.WebSocketConnectionClosedException("the server closed the websocket")
+                except (OSError, websocket.WebSocketException) as e:
+                    raise RefFaceError(
+                        f"lost the connection to ComfyUI's websocket during prompt {prompt_id} ({e}); the run may "
+                        f"still finish on the server: its history is at {self.server}/history/{prompt_id}"
+                    ) from None
                 if isinstance(message, bytes):
                     continue  # preview images
                 event = json.loads(message)
@@ -104,7 +116,8 @@ class ComfyClient:
                 if event["type"] == "executing" and data.get("node") is None or event["type"] == "execution_success":
                     break
         except KeyboardInterrupt:
-            self._request("POST", "/interrupt")
+            if prompt_id is not None:
+                self.cancel(prompt_id)
             raise
         finally:
             ws.close()
@@ -114,11 +127,22 @@ class ComfyClient:
             time.sleep(0.1)
         raise RefFaceError(f"ComfyUI ran the workflow but has no history for it (prompt {prompt_id})")
 
+    def cancel(self, prompt_id: str) -> None:
+        """Best effort: drop ``prompt_id`` from the queue and stop it if it runs, never touching others' prompts.
+        Errors are ignored so that the caller's KeyboardInterrupt is what the user sees."""
+        import requests
+
+        # Delete first: a prompt that starts running in between is then still caught by the interrupt.
+        for path, body in [("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})]:
+            try:
+                requests.post(self.server + path, json=body, timeout=5)
+            except Exception:
+                pass
+
     def download(self, image: dict[str, str], path: Path) -> Path:
+        """Save an output image as ``path`` or the next free name; returns where it went."""
         params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image["type"]}
-        content = self._request("GET", "/view", params=params).content
-        write_atomic(path, lambda tmp: Path(tmp).write_bytes(content))
-        return path
+        return write_new(path, self._request("GET", "/view", params=params).content)
 
 
 def prompt_errors(answer: dict[str, Any]) -> str:
@@ -153,21 +177,47 @@ def queue_restore(
     if not out.is_dir():
         raise RefFaceError(f"output folder does not exist: {out}")
     client = ComfyClient(server)
-    session = f"refface/{uuid.uuid4().hex[:12]}"
-    photo_name = client.upload(photo, session)
-    for ref in references:
-        client.upload(ref, f"{session}/references")
-    history = client.run(fill_workflow(workflow, photo_name, f"{session}/references"), progress)
+    photo_name = client.upload(photo, "refface/inputs")
+    # The same references always land in the same folder with the same files and mtimes, so ComfyUI's cache of
+    # Load Reference Faces (keyed on the folder's names and mtimes) hits, and repeated runs add no uploads.
+    names = [f"{k:02d}_{ref.name}" for k, ref in enumerate(references)]  # a/1.jpg and b/1.jpg stay two files
+    folder = reference_folder(references, names)
+    for ref, name in zip(references, names, strict=True):
+        if client.upload(ref, folder, name) != f"{folder}/{name}":  # renamed: the folder holds another file
+            raise RefFaceError(f"ComfyUI's input folder {folder} holds a different {name}; delete that folder")
+    history = client.run(fill_workflow(workflow, photo_name, folder), progress)
     outputs = history.get("outputs", {}).values()
     images = [image for output in outputs for image in output.get("images", []) if image.get("type") == "output"]
     texts = [text for output in outputs for text in output.get("text", [])]
-    paths = [unused_path(out / f"{photo.stem}_restored{Path(image['filename']).suffix}") for image in images]
-    return [client.download(image, path) for image, path in zip(images, paths, strict=True)], texts
+    # Each path is picked as its image is written, so the images of a batch (or of several savers) never collide.
+    paths = [client.download(image, out / f"{photo.stem}_restored{Path(image['filename']).suffix}") for image in images]
+    return paths, texts
 
 
-def unused_path(path: Path) -> Path:
-    """``path``, or ``name_1.ext``, ``name_2.ext``, ...: never overwrite the user's files."""
+def reference_folder(references: list[Path], names: list[str]) -> str:
+    """``refface/refs-<hash>``: named by the references' upload names and contents, in order."""
+    digest = hashlib.sha256()
+    for ref, name in zip(references, names, strict=True):
+        # Names count too: the same bytes under another name would otherwise add a duplicate to the folder.
+        digest.update(name.encode() + b"\0" + hashlib.sha256(ref.read_bytes()).digest())
+    return f"refface/refs-{digest.hexdigest()[:12]}"
+
+
+def write_new(path: Path, content: bytes) -> Path:
+    """Write ``content`` to ``path``, or ``name_1.ext``, ``name_2.ext``, ... if taken; returns the path used.
+    The file is created exclusively, so no existing file is ever replaced, not even one made a moment ago."""
     k = 0
-    while (candidate := path if k == 0 else path.with_stem(f"{path.stem}_{k}")).exists():
-        k += 1
-    return candidate
+    while True:
+        candidate = path if k == 0 else path.with_stem(f"{path.stem}_{k}")
+        try:
+            f = open(candidate, "xb")
+        except FileExistsError:
+            k += 1
+            continue
+        try:
+            with f:
+                f.write(content)
+        except BaseException:
+            candidate.unlink(missing_ok=True)  # ours and half-written
+            raise
+        return candidate

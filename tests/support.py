@@ -1,8 +1,11 @@
 """Helpers shared by the tests: where the golden vectors are, and a tiny random model."""
 
+import warnings
 from pathlib import Path
 
+import onnx
 import torch
+from torch import nn
 
 from refface_core import RefFaceRestorer
 from refface_core.model import refldm_unet_config, refldm_vq_config
@@ -126,3 +129,67 @@ def tiny_context_config(identity_encoder: str = "sface", identity_dim: int = 128
         width=32, identity_encoder=identity_encoder, identity_dim=identity_dim, identity_tokens=2,
         appearance_encoder="farl-tiny", appearance_width=64, appearance_layers=(1, 2), appearance_grid=2,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny insightface-style iresnet (IBasicBlock: BN, conv, BN, PReLU, conv, BN, plus a strided 1x1 shortcut; head:
+# BN, dropout, flatten, linear, BatchNorm1d), exported with torch's TorchScript ONNX exporter.
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout), nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+        self.prelu = nn.PReLU(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.down is None else self.down(x))
+
+
+class TinyIResNet(nn.Module):
+    def __init__(self, normalises_input: bool, dim: int = 64):
+        super().__init__()
+        self.normalises_input = normalises_input
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8))
+        self.layers = nn.Sequential(Block(8, 16, 2), Block(16, 16, 1), Block(16, 24, 2), Block(24, 32, 2))
+        self.bn2, self.dropout = nn.BatchNorm2d(32), nn.Dropout(0.4)
+        self.fc, self.features = nn.Linear(32 * 14 * 14, dim), nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        if self.normalises_input:  # the mxnet models' own (x - 127.5) / 128
+            x = (x - 127.5) * 0.0078125
+        x = self.dropout(self.bn2(self.layers(self.stem(x))))
+        return self.features(self.fc(torch.flatten(x, 1)))
+
+
+def export_iresnet(path, normalises_input: bool = False, seed: int = 0, dim: int = 64) -> None:
+    """An ArcFace-like recognition ONNX file, as insightface exports them (``dim``-d embeddings)."""
+    torch.manual_seed(seed)
+    model = TinyIResNet(normalises_input, dim)
+    with torch.no_grad():  # random statistics and affine parameters, so every BatchNorm matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.1 * torch.randn_like(m.bias))
+                m.running_mean.copy_(0.1 * torch.randn_like(m.running_mean))
+                m.running_var.copy_(1 + 0.5 * torch.rand_like(m.running_var))
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(0.25 + 0.1 * torch.randn_like(m.weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), torch.zeros(1, 3, 112, 112), str(path), dynamo=False,
+            input_names=["input.1"], output_names=["fc1"], dynamic_axes={"input.1": {0: "N"}, "fc1": {0: "N"}},
+        )  # fmt: skip
+    if normalises_input:  # name the leading Sub/Mul as mxnet-converted insightface models do
+        graph = onnx.load(str(path))
+        names = {"Sub": "_minusscalar0", "Mul": "_mulscalar0"}
+        for node in graph.graph.node[:8]:
+            node.name = names.get(node.op_type, node.name)
+        onnx.save(graph, str(path))

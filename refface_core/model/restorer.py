@@ -164,7 +164,7 @@ class RefFaceRestorer(nn.Module):
         if layout != "strip":
             raise ValueError(f"layout must be 'strip' or 'separate', got {layout!r}")
         strip = self.encode(images.permute(0, 2, 3, 1, 4).reshape(b, c, h, n * w))
-        return strip.unflatten(3, (n, strip.shape[3] // n)).permute(0, 3, 1, 2, 4)
+        return strip.unflatten(3, (n, strip.shape[3] // n)).permute(0, 3, 1, 2, 4).contiguous()
 
     # -- the denoiser -------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -148,11 +149,19 @@ def unet_forward(
     timesteps: torch.Tensor,
     cache_kv: KVRecorder | CacheKV | None = None,
     context: Context | None = None,
+    gradient_checkpointing: bool = False,
 ) -> torch.Tensor:
-    """UNet2DModel's forward, with the CacheKV object and the context tokens handed to every attention layer."""
+    """UNet2DModel's forward, with the CacheKV object and the context tokens handed to every attention layer.
+    ``gradient_checkpointing`` recomputes the ResNet blocks in the backward pass instead of storing them."""
 
     def attend(attn: Attention, h: torch.Tensor) -> torch.Tensor:
         return attn.processor(attn, h, cache_kv=cache_kv, context=context)
+
+    def run(resnet: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()  # a channels-last input crashes torch 2.13's CPU convolution backward (seen in training)
+        if gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(resnet, h, emb, use_reentrant=False)
+        return resnet(h, emb)
 
     emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
     h = unet.conv_in(sample)
@@ -160,7 +169,7 @@ def unet_forward(
     for block in unet.down_blocks:
         attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
-            h = resnet(h, emb)
+            h = run(resnet, h, emb)
             if attentions is not None:
                 h = attend(attentions[i], h)
             skips.append(h)
@@ -169,14 +178,14 @@ def unet_forward(
             skips.append(h)
 
     mid = unet.mid_block
-    h = mid.resnets[0](h, emb)
+    h = run(mid.resnets[0], h, emb)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
-        h = resnet(attend(attn, h), emb)
+        h = run(resnet, attend(attn, h), emb)
 
     for block in unet.up_blocks:
         attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            h = run(resnet, torch.cat([h, skips.pop()], dim=1), emb)
             if attentions is not None:
                 h = attend(attentions[i], h)
         if block.upsamplers is not None:

@@ -1,0 +1,1 @@
+"""Training: degradations, datasets, the identity losses and the accelerate trainer."""

@@ -1,0 +1,117 @@
+"""The training configuration: a YAML file read into dataclasses, checked up front with clear messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RefFaceError
+
+FREEZE_CHOICES = ("context", "context_attention", "full")
+LAYOUTS = ("folders", "ffhq_ref")
+
+
+@dataclass
+class DataConfig:
+    layout: str = "folders"  # "folders": root/<person>/<photos>; "ffhq_ref": FFHQ-Ref's CSV
+    root: str = ""  # the person folders, or the images the CSV names
+    csv: str | None = None  # ffhq_ref: gt_image, lq_image, ref_image
+    split: str | None = None  # ffhq_ref: identity-based split file
+    cache: str | None = None  # folders: where aligned crops are cached (default <output>/aligned)
+    face_models: str | None = None  # folders: face model folder for alignment (default: as `refface restore`)
+    size: int = 512
+    num_refs: int = 1  # the paper trains with one reference; ReF-LDM with up to 5
+    degradation: str = "train"
+    use_lq_images: bool = False  # ffhq_ref: use the CSV's lq_image instead of degrading online
+    augment: bool = True  # ReF-LDM's reference augmentation
+    on_bad: str = "skip"  # a missing image or a face not found: "skip" (reported) or "abort"
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: str  # the RefFace model folder to start from (`refface convert [--add-composite-context]`)
+    output: str  # checkpoints, TensorBoard logs, sample grids and the final model
+    data: DataConfig = field(default_factory=DataConfig)
+    arcface: str | None = None  # ArcFace ONNX (e.g. antelopev2/glintr100.onnx): HID loss and identity tokens
+    farl: str | None = None  # FaRL checkpoint, for models with Composite Context
+    freeze: str = "context"  # train the context layers, + all attention, or the full UNet
+    steps: int = 10000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 5e-5  # ReF-LDM's
+    warmup_steps: int = 1000
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.9999
+    lq_dropout: float = 0.1  # independent drops, matching the ∅ rule of guidance at inference
+    context_dropout: float = 0.1
+    hid_weight: float = 0.1  # the identity term's weight (ReF-LDM: 0.1, scaled by sqrt(alpha-bar_t))
+    hid_lambda: float = 0.5  # L_HID = (1 - λ) L_ID(x_HQ, x̂) + λ L_ID(x_REF, x̂)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    sample_steps: int = 20
+
+    def check(self) -> None:
+        problems = []
+        if self.freeze not in FREEZE_CHOICES:
+            problems.append(f"freeze must be one of {FREEZE_CHOICES}, got {self.freeze!r}")
+        if self.data.layout not in LAYOUTS:
+            problems.append(f"data.layout must be one of {LAYOUTS}, got {self.data.layout!r}")
+        if self.data.layout == "ffhq_ref" and not self.data.csv:
+            problems.append("data.csv is needed for the ffhq_ref layout")
+        if self.data.on_bad not in ("skip", "abort"):
+            problems.append(f"data.on_bad must be 'skip' or 'abort', got {self.data.on_bad!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("lq_dropout", "context_dropout", "hid_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1]")
+        if self.hid_weight > 0 and not self.arcface:
+            problems.append("hid_weight > 0 needs `arcface:` (an ArcFace ONNX file, e.g. antelopev2/glintr100.onnx)")
+        if problems:
+            raise RefFaceError("the training config has problems:\n  " + "\n  ".join(problems))
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config; relative paths in it are relative to the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RefFaceError(f"cannot read the training config {path}: {e}") from None
+    raw = {**raw, **(overrides or {})}
+    data = _build(DataConfig, raw.pop("data", None) or {}, "data.")
+    config = _build(TrainConfig, {**raw, "data": data}, "")
+    base = path.parent
+    for owner, names in ((config, ("model", "output", "arcface", "farl")), (data, ("root", "csv", "split", "cache"))):
+        for name in names:
+            value = getattr(owner, name)
+            if value:
+                setattr(owner, name, str(base / Path(value).expanduser()))
+    if data.face_models:
+        data.face_models = str(base / Path(data.face_models).expanduser())
+    config.check()
+    return config
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RefFaceError(f"unknown training config keys: {', '.join(prefix + k for k in unknown)}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required key is missing
+        raise RefFaceError(f"the training config is incomplete: {e}") from None

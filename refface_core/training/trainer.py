@@ -1,0 +1,382 @@
+"""Fine-tuning with Composite Context and the Hard Example Identity loss, on HF accelerate (one GPU, DDP, FSDP or
+DeepSpeed through `accelerate launch`). Every random draw derives from (seed, step, process), so a run resumed from a
+checkpoint continues exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import RefFaceError
+from ..faces.align import FFHQ_TEMPLATE_512
+from ..files import write_atomic
+from ..model import RefFaceRestorer
+from ..model.unet import KVRecorder, unet_forward
+from ..sampling import refldm_alphas_cumprod
+from .config import TrainConfig
+from .identity import ArcFace, hid_loss
+
+CHECKPOINTS = "checkpoints"
+
+
+def trainable_parameters(restorer: RefFaceRestorer, freeze: str) -> dict[str, nn.Parameter]:
+    """The parameters ``freeze`` leaves trainable ("context", "context_attention" or "full"); the rest are frozen."""
+    restorer.requires_grad_(False)
+    has_context = restorer.context_encoder is not None
+    if freeze in ("context", "context_attention") and not has_context:
+        raise RefFaceError(
+            f"freeze: {freeze} trains the Composite Context layers, which this model lacks; convert it with "
+            "`refface convert --add-composite-context`, or train the full UNet (freeze: full)"
+        )
+
+    def chosen(name: str) -> bool:
+        if name.startswith("context_encoder."):
+            return True
+        if name.startswith("unet."):
+            if freeze == "full":
+                return True
+            in_attention = ".attentions." in name
+            return in_attention and ("_ctx" in name or freeze == "context_attention")
+        return False  # the VQ autoencoder stays frozen
+
+    params = {name: p for name, p in restorer.named_parameters() if chosen(name)}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def arcface_crops(faces: torch.Tensor) -> torch.Tensor:
+    """FFHQ-aligned crops [B,3,S,S] -> ArcFace's 112×112 alignment (insightface's norm_crop of the template)."""
+    from insightface.utils.face_align import estimate_norm
+
+    size = faces.shape[-1]
+    with warnings.catch_warnings():  # scikit-image deprecation inside insightface
+        warnings.simplefilter("ignore", FutureWarning)
+        to_112 = np.vstack([estimate_norm(FFHQ_TEMPLATE_512 * size / 512, 112), [0, 0, 1]])
+    back = np.linalg.inv(to_112)[:2]  # output pixel -> source pixel
+    # affine_grid works in [-1, 1] coordinates (align_corners=False): convert pixel maps on both sides
+    out_to_px = np.array([[112 / 2, 0, 112 / 2 - 0.5], [0, 112 / 2, 112 / 2 - 0.5], [0, 0, 1]])
+    px_to_in = np.array([[2 / size, 0, 1 / size - 1], [0, 2 / size, 1 / size - 1], [0, 0, 1]])
+    theta = torch.tensor((px_to_in @ np.vstack([back, [0, 0, 1]]) @ out_to_px)[:2], dtype=faces.dtype)
+    grid = F.affine_grid(theta.expand(len(faces), 2, 3).to(faces.device), [len(faces), 3, 112, 112], False)
+    return F.grid_sample(faces, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class TrainingModel(nn.Module):
+    """One training step's forward: the loss of ε-prediction plus the weighted HID term. DDP wraps this module, so
+    gradients of everything trainable inside are synchronised."""
+
+    def __init__(self, restorer: RefFaceRestorer, arcface: ArcFace | None, farl: nn.Module | None, config: TrainConfig):
+        super().__init__()
+        self.restorer, self.arcface, self.farl, self.config = restorer, arcface, farl, config
+        self.register_buffer("alphas_cumprod", refldm_alphas_cumprod(), persistent=False)
+
+    def context_tokens(self, refs: torch.Tensor) -> torch.Tensor | None:
+        """Composite Context tokens [B,N,L,D] of references [B,N,3,S,S] (None for a model without the layers)."""
+        encoder = self.restorer.context_encoder
+        if encoder is None:
+            return None
+        faces = refs.flatten(0, 1)
+        with torch.no_grad():
+            identity = F.normalize(self.arcface(arcface_crops(faces)).float(), dim=-1)
+            appearance = self.farl.hidden_states(faces, encoder.appearance_layers)
+        return encoder(identity, appearance).unflatten(0, refs.shape[:2])
+
+    def forward(
+        self, hq: torch.Tensor, lq: torch.Tensor, refs: torch.Tensor, draws: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        restorer, config = self.restorer, self.config
+        vq = restorer.vq
+        b, n = refs.shape[:2]
+        with torch.no_grad():
+            z0 = vq.encode(hq).latents
+            lq_latent = vq.encode(lq).latents * draws["keep_lq"].view(b, 1, 1, 1)
+            ref_latents = restorer.encode_references(refs) * draws["keep_context"].view(b, 1, 1, 1, 1)
+            hq_reconstruction = vq.decode(z0).sample  # the x_HQ target: what the model can reach at best
+        context = None
+        tokens = self.context_tokens(refs)
+        if tokens is not None:
+            tokens = tokens * draws["keep_context"].view(b, 1, 1, 1).to(tokens.dtype)  # ∅: all-zero tokens
+            context = (tokens.flatten(1, 2), 1.0)
+
+        t = draws["t"]
+        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        x_t = ab.sqrt() * z0 + (1 - ab).sqrt() * draws["noise"]
+        unet = restorer.unet
+        recorder = KVRecorder()
+        ref_rows = torch.cat([ref_latents.flatten(0, 1), torch.zeros_like(ref_latents.flatten(0, 1))], dim=1)
+        with torch.set_grad_enabled(config.freeze != "context"):  # context layers do not act in the reference pass
+            unet_forward(unet, ref_rows, torch.zeros(b * n, dtype=torch.long, device=t.device), recorder, None,
+                         config.gradient_checkpointing)  # fmt: skip
+        cache = recorder.gather(torch.arange(b * n, device=t.device).view(b, n))
+        eps = unet_forward(unet, torch.cat([x_t, lq_latent], dim=1), t, cache, context, config.gradient_checkpointing)
+        eps_loss = F.mse_loss(eps.float(), draws["noise"])
+        losses = {"eps": eps_loss, "loss": eps_loss}
+        if config.hid_weight > 0:
+            x0 = (x_t - (1 - ab).sqrt() * eps.float()) / ab.sqrt()
+            restored = vq.decode(x0.to(vq.dtype)).sample.float()  # straight-through quantisation keeps the gradient
+            hid = hid_loss(self.arcface, restored, hq_reconstruction.float(), refs[:, 0].float(), config.hid_lambda)
+            losses["hid"] = (hid * ab.view(b).sqrt()).mean()
+            losses["loss"] = eps_loss + config.hid_weight * losses["hid"]
+        return losses
+
+
+def step_draws(
+    config: TrainConfig, step: int, micro: int, process: int, b: int, latent_shape: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """The step's timesteps, noise and dropout masks, from (seed, step, micro-batch, process) alone."""
+    g = torch.Generator().manual_seed(hash((config.seed, step, micro, process)) % 2**63)
+    return {
+        "t": torch.randint(0, len(refldm_alphas_cumprod()), (b,), generator=g),
+        "noise": torch.randn((b, *latent_shape), generator=g),
+        "keep_lq": (torch.rand(b, generator=g) >= config.lq_dropout).float(),
+        "keep_context": (torch.rand(b, generator=g) >= config.context_dropout).float(),
+    }
+
+
+def batches(
+    dataset: torch.utils.data.Dataset, config: TrainConfig, start: int, process: int, processes: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(sample indices, micro-batch) from micro-batch ``start`` on: a fresh permutation per epoch, sharded across
+    processes, so a resumed run sees the very batches it would have seen."""
+    per_epoch = len(dataset) // processes // config.batch_size
+    if per_epoch == 0:
+        raise RefFaceError(
+            f"{len(dataset)} training samples cannot fill one batch of {config.batch_size} on {processes} processes"
+        )
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+        shard = order[process::processes][: per_epoch * config.batch_size].view(per_epoch, config.batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        rows = shard[offset:].tolist()
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=rows, num_workers=config.data.workers)
+        yield from zip(rows, loader, strict=True)
+        epoch, offset = epoch + 1, 0
+
+
+class EMA:
+    """Moving average of the trained weights, with ReF-LDM's warm-up: decay min(d, (1 + n) / (10 + n))."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, nn.Parameter]) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in params.items():
+            self.shadow[name].lerp_(p.detach().float(), 1 - decay)
+
+
+def save_checkpoint(
+    folder: Path, step: int, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer
+) -> None:
+    """model, EMA and optimizer state as safetensors, plus the step; written beside and renamed into place."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = list(params)
+    moments = {
+        f"{names[i]}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
+        for i, state in optimizer.state_dict()["state"].items()
+        for key, value in state.items()
+    }
+    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp / "model.safetensors")
+    save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+    save_file(moments, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "ema_updates": ema.updates}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer) -> int:
+    """Restore what ``save_checkpoint`` wrote; returns the step to continue from."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights, shadow = load_file(folder / "model.safetensors"), load_file(folder / "ema.safetensors")
+        moments = load_file(folder / "optimizer.safetensors")
+    except (OSError, ValueError) as e:
+        raise RefFaceError(f"cannot resume from {folder}: {e}") from None
+    if set(weights) != set(params):
+        raise RefFaceError(
+            f"the checkpoint {folder} trained other parameters than this config (freeze or model differ)"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    ema.shadow = {name: shadow[name].to(p.device) for name, p in params.items()}
+    ema.updates = state["ema_updates"]
+    names = list(params)
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        i: {key.removeprefix(name + "."): v for key, v in moments.items() if key.startswith(name + ".")}
+        for i, name in enumerate(names)
+        if any(key.startswith(name + ".") for key in moments)
+    }
+    optimizer.load_state_dict(saved)
+    return state["step"]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = sorted((output / CHECKPOINTS).glob("step_*[0-9]"))
+    return found[-1] if found else None
+
+
+@torch.no_grad()
+def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig, path: Path) -> None:
+    """A PNG for a person to look at: per sample, LQ | restored | HQ | first reference."""
+    restorer = model.restorer
+    device = restorer.device
+    hq, lq, refs = (batch[k].to(device) for k in ("hq", "lq", "refs"))
+    ref_latents = restorer.encode_references(refs)
+    tokens = model.context_tokens(refs)
+    latent = restorer.sample(
+        restorer.encode(lq), ref_latents, steps=config.sample_steps, ref_tokens=tokens,
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+    restored = restorer.decode(latent)
+    size = hq.shape[-1]
+    columns = [lq, F.interpolate(restored, size=(size, size), mode="bilinear"), hq, refs[:, 0]]
+    grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # [3, B·S, 4·S]
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def build_dataset(config: TrainConfig) -> torch.utils.data.Dataset:
+    from ..faces import load_face_analysis
+    from .datasets import FFHQRefDataset, PersonFolderDataset
+    from .degradations import PRESETS
+
+    data = config.data
+    if data.degradation not in PRESETS:
+        raise RefFaceError(f"data.degradation must be one of {sorted(PRESETS)}, got {data.degradation!r}")
+    degradation = PRESETS[data.degradation]
+    if data.layout == "ffhq_ref":
+        return FFHQRefDataset(
+            Path(data.csv), Path(data.root), data.size, data.num_refs, degradation, data.use_lq_images, data.augment,
+            Path(data.split) if data.split else None, config.seed, data.on_bad,
+        )  # fmt: skip
+    cache = Path(data.cache) if data.cache else Path(config.output) / "aligned"
+    analysis = load_face_analysis(data.face_models)
+    return PersonFolderDataset(
+        Path(data.root), analysis, cache, data.size, data.num_refs, degradation, data.augment, config.seed, data.on_bad
+    )
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Run (or, with ``resume`` = "latest" or a checkpoint folder, continue) a training run; returns the exported
+    model folder, which `RefFaceRestorer.from_pretrained` and `refface restore` load."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm import tqdm
+
+    from ..context.farl import load_farl
+
+    output = Path(config.output)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    main = accelerator.is_main_process
+
+    def say(message: str) -> None:
+        if main:
+            tqdm.write(message, file=sys.stderr)
+
+    restorer = RefFaceRestorer.from_pretrained(config.model)
+    if config.data.size != restorer.image_size:
+        raise RefFaceError(f"data.size is {config.data.size}, but the model restores {restorer.image_size}px faces")
+    params = trainable_parameters(restorer, config.freeze)
+    has_context = restorer.context_encoder is not None
+    if has_context and not (config.arcface and config.farl):
+        raise RefFaceError(
+            "a model with Composite Context needs `arcface:` (identity tokens) and `farl:` in the config"
+        )
+    arcface = ArcFace.from_onnx(config.arcface) if config.arcface else None
+    farl = load_farl(config.farl) if has_context else None
+    with accelerator.main_process_first():  # the alignment cache is written once
+        dataset = build_dataset(config)
+    problems = list(getattr(dataset, "problems", []))
+    for problem in problems[:20]:
+        say(f"skipped: {problem}")
+    count = sum(p.numel() for p in params.values())
+    say(f"{len(dataset)} training samples, {len(problems)} skipped; training {count:,} parameters ({config.freeze})")
+
+    model = TrainingModel(restorer, arcface, farl, config)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr)
+    ema = EMA(params, config.ema_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    start = 0
+    if resume:
+        folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
+        if folder is None:
+            raise RefFaceError(f"no checkpoint to resume from in {output / CHECKPOINTS}")
+        start = load_checkpoint(folder, params, ema, optimizer)
+        say(f"resumed from {folder} at step {start}")
+
+    f = 2 ** (len(restorer.vq_config["block_out_channels"]) - 1)
+    latent_shape = (restorer.vq_config["latent_channels"], config.data.size // f, config.data.size // f)
+    data = batches(dataset, config, start * config.grad_accum, accelerator.process_index, accelerator.num_processes)
+    preview = next(batches(dataset, config, 0, 0, 1))[1] if main else None
+    accelerator.init_trackers("refface")
+    bar = tqdm(total=config.steps, initial=start, disable=not main, unit="step", file=sys.stderr)
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        for micro in range(config.grad_accum):
+            indices, batch = next(data)
+            b = len(indices)
+            draws = step_draws(config, step, micro, accelerator.process_index, b, latent_shape)
+            draws = {k: v.to(accelerator.device) for k, v in draws.items()}
+            with accelerator.accumulate(model):
+                losses = model(*(batch[k].to(accelerator.device) for k in ("hq", "lq", "refs")), draws)
+                if not torch.isfinite(losses["loss"]):
+                    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+                    raise RefFaceError(f"non-finite loss at step {step + 1} (samples {indices}): {parts}")
+                accelerator.backward(losses["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
+        ema.update(params)
+        done = step + 1
+        bar.update()
+        bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+        if done % config.log_every == 0 or done == config.steps:
+            lr = optimizer.param_groups[0]["lr"]
+            accelerator.log({f"train/{k}": v.item() for k, v in losses.items()} | {"train/lr": lr}, step=done)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(output / CHECKPOINTS / f"step_{done:07d}", done, params, ema, optimizer)
+                for old in sorted((output / CHECKPOINTS).glob("step_*[0-9]"))[: -config.keep_checkpoints]:
+                    shutil.rmtree(old)
+        if main and (done % config.sample_every == 0 or done == config.steps):
+            sample_grid(accelerator.unwrap_model(model), preview, config, output / "samples" / f"step_{done:07d}.png")
+    bar.close()
+    accelerator.wait_for_everyone()
+    final = output / "final"
+    if main:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(ema.shadow[name])  # export the EMA weights
+        restorer.save_pretrained(final)
+        say(f"exported {final}" + (f"; {len(problems)} samples were skipped" if problems else ""))
+    accelerator.end_training()
+    return final

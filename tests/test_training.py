@@ -1,0 +1,195 @@
+"""Training on real photos with tiny models: the loss falls, resuming is exact, the export restores, gradients go
+where the freezing choice says, bad input is named, and `accelerate launch` runs two CPU processes."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from support import export_iresnet, farl_state_dict, tiny_context_config, tiny_restorer
+
+from refface_core import RefFaceError
+from refface_core.cli import main
+from refface_core.faces import align_face, load_face_analysis
+from refface_core.images import load_image
+from refface_core.training.config import load_config
+from refface_core.training.trainer import TrainingModel, build_dataset, step_draws, trainable_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = Path(__file__).parent / "data" / "faces"
+PEOPLE = {"macron": ["macron_1", "macron_2"], "ardern": ["ardern_1", "ardern_2"]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny models (one with Composite Context), an ArcFace ONNX, FaRL weights, and two people's photos."""
+    root = tmp_path_factory.mktemp("training")
+    plain = tiny_restorer(seed=6)
+    plain.save_pretrained(root / "plain")
+    with_context = tiny_restorer(seed=6)
+    with_context.add_composite_context(tiny_context_config())  # 128-d identity
+    with_context.save_pretrained(root / "context")
+    export_iresnet(root / "arcface.onnx", dim=128)
+    save_file(farl_state_dict(), root / "farl.safetensors")
+    for person, photos in PEOPLE.items():
+        (root / "people" / person).mkdir(parents=True)
+        for photo in photos:
+            shutil.copy(FACES / f"{photo}.jpg", root / "people" / person)
+    return root
+
+
+def write_config(setup, tmp_path, **changes):
+    config = {
+        "model": str(setup / "context"), "output": str(tmp_path / "run"), "arcface": str(setup / "arcface.onnx"),
+        "farl": str(setup / "farl.safetensors"), "freeze": "context", "steps": 6, "batch_size": 2, "lr": 1e-3,
+        "warmup_steps": 1, "log_every": 1, "checkpoint_every": 3, "sample_every": 6, "sample_steps": 2,
+        "data": {"layout": "folders", "root": str(setup / "people"), "cache": str(setup / "aligned"), "size": 32,
+                 "workers": 0},
+    }  # fmt: skip
+    data = changes.pop("data", {})
+    config |= changes
+    config["data"] |= data
+    path = tmp_path / "train.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def logged(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in (run / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values |= {e.step: e.value for e in accumulator.Scalars(tag)}
+    return values
+
+
+def test_loss_falls_and_the_export_restores_through_the_cli(setup, tmp_path, capsys):
+    config = write_config(setup, tmp_path, model=str(setup / "plain"), freeze="full", steps=40, checkpoint_every=40,
+                          sample_every=20, data={"num_refs": 2})  # fmt: skip
+    assert main(["train", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    assert f"wrote {run / 'final'}" in capsys.readouterr().out
+    eps = logged(run, "train/eps")
+    assert sorted(eps) == list(range(1, 41))
+    first, last = np.mean([eps[s] for s in range(1, 9)]), np.mean([eps[s] for s in range(33, 41)])
+    assert last < 0.8 * first, (first, last)
+    assert set(logged(run, "train/hid")) == set(eps)
+    grids = sorted((run / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000020.png", "step_0000040.png"]
+    assert Image.open(grids[0]).size == (4 * 32, 2 * 32)  # LQ | restored | HQ | reference, per sample
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step_0000040"]
+
+    analysis = load_face_analysis()
+    crops = []
+    for name in ("macron_2", "macron_1"):
+        photo = np.asarray(load_image(FACES / f"{name}.jpg"))
+        crops.append(tmp_path / f"{name}_aligned.png")
+        Image.fromarray(align_face(photo, analysis.main_face(photo, name).landmarks, 512)[0]).save(crops[-1])
+    out = tmp_path / "restored.png"
+    args = ["restore", "--model", str(run / "final"), "--aligned", "--input", str(crops[0]), "--ref", str(crops[1])]
+    assert main([*args, "--out", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (32, 32)
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    whole = write_config(setup, tmp_path / "a")
+    assert main(["train", "--config", str(whole)]) == 0
+    resumed = write_config(setup, tmp_path / "b")
+    checkpoint = tmp_path / "a" / "run" / "checkpoints" / "step_0000003"
+    shutil.copytree(checkpoint, tmp_path / "b" / "run" / "checkpoints" / checkpoint.name)
+    assert main(["train", "--config", str(resumed), "--resume"]) == 0
+    a, b = logged(tmp_path / "a" / "run", "train/loss"), logged(tmp_path / "b" / "run", "train/loss")
+    assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        first = load_file(tmp_path / "a" / "run" / "checkpoints" / "step_0000006" / name)
+        second = load_file(tmp_path / "b" / "run" / "checkpoints" / "step_0000006" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+
+
+@pytest.mark.parametrize("freeze", ["context", "context_attention", "full"])
+def test_gradients_follow_the_freezing_choice(setup, tmp_path, freeze):
+    from refface_core import RefFaceRestorer
+    from refface_core.context.farl import load_farl
+    from refface_core.training.identity import ArcFace
+
+    config = load_config(write_config(setup, tmp_path, freeze=freeze))
+    restorer = RefFaceRestorer.from_pretrained(config.model)
+    with torch.no_grad():  # a context layer past its zero initialisation, so gradients reach the whole context path
+        for name, p in restorer.named_parameters():
+            if "to_out_ctx" in name:
+                p.normal_(0, 0.05)
+    params = trainable_parameters(restorer, freeze)
+    model = TrainingModel(restorer, ArcFace.from_onnx(config.arcface), load_farl(config.farl), config)
+    batch = torch.utils.data.default_collate([build_dataset(config)[i] for i in range(2)])
+    draws = step_draws(config, 0, 0, 0, 2, (restorer.vq_config["latent_channels"], 16, 16))
+    draws["keep_lq"] = draws["keep_context"] = torch.ones(2)
+    losses = model(batch["hq"], batch["lq"], batch["refs"], draws)
+    losses["loss"].backward()
+    reached = {name for name, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("context_encoder.") for n in reached) and any("to_k_ctx" in n for n in reached)
+    attention = {n for n, _ in restorer.unet.named_parameters(prefix="unet") if ".attentions." in n and "_ctx" not in n}
+    assert attention <= reached if freeze != "context" else not attention & reached, sorted(attention - reached)[:5]
+    assert ("unet.conv_in.weight" in reached) == (freeze == "full")
+    frozen = [p for name, p in restorer.named_parameters() if name not in params]
+    assert all(p.grad is None for p in frozen)  # the VQ, and whatever the choice leaves out
+
+
+def test_bad_configs_and_a_non_finite_loss_are_named(setup, tmp_path):
+    with pytest.raises(RefFaceError, match="unknown training config keys: data.sise"):
+        load_config(write_config(setup, tmp_path, data={"sise": 32}))
+    with pytest.raises(RefFaceError, match="freeze must be one of"):
+        load_config(write_config(setup, tmp_path, freeze="everything"))
+    with pytest.raises(RefFaceError, match="hid_weight > 0 needs `arcface:`"):
+        load_config(write_config(setup, tmp_path, arcface=None))
+    from refface_core.training.trainer import train
+
+    with pytest.raises(RefFaceError, match="trains the Composite Context layers, which this model lacks"):
+        train(load_config(write_config(setup, tmp_path, model=str(setup / "plain"))))
+    broken = tiny_restorer(seed=6)
+    broken.add_composite_context(tiny_context_config())
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "broken")
+    with pytest.raises(RefFaceError, match=r"non-finite loss at step 1 \(samples \[\d+, \d+\]\): eps nan, loss nan"):
+        train(load_config(write_config(setup, tmp_path, model=str(tmp_path / "broken"))))
+
+
+def test_degrade_cli_writes_a_reproducible_test_set(tmp_path, capsys):
+    hq = tmp_path / "hq"
+    hq.mkdir()
+    for name in ("macron_1", "ardern_1"):
+        Image.open(FACES / f"{name}.jpg").resize((128, 128)).save(hq / f"{name}.png")
+    for out in ("lq1", "lq2"):
+        assert main(["degrade", "--input", str(hq), "--out", str(tmp_path / out), "--preset", "severe"]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    for name in ("macron_1.png", "ardern_1.png"):
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "lq1" / name)), np.asarray(Image.open(tmp_path / "lq2" / name))
+        )
+    assert main(["degrade", "--input", str(hq), "--out", str(tmp_path / "lq1")]) == 1  # never overwrites
+    assert "refface: error:" in capsys.readouterr().err
+
+
+def test_accelerate_launch_with_two_cpu_processes(setup, tmp_path):
+    config = write_config(setup, tmp_path, steps=2, checkpoint_every=2, sample_every=2, batch_size=1)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refface_core.training", "--config", str(config),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    assert (run / "final" / "model.safetensors").is_file()
