@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from refface_core import RefFaceError
 from refface_core.faces import FaceAnalysis
-from refface_core.images import load_image
+from refface_core.images import IMAGE_SUFFIXES, load_image
 from refface_core.pipeline import face_similarity, main_face_embeddings, prepare_references
 
 from .runtime import to_arrays, to_image
@@ -20,7 +20,6 @@ from .types import Identity, IdentityType
 
 ALIGNED_SIZE = 512  # the FFHQ template's size; the restorer resizes to its own
 MAX_REFERENCES = 16
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 THRESHOLD_TOOLTIP = "Same-person cosine similarity; -1 uses the face model's own (0.363 for SFace, 0.3 for ArcFace)."
 
 
@@ -36,9 +35,9 @@ def folder_photos(folder: str) -> list[Path]:
         raise RefFaceError(f"the reference folder must be inside ComfyUI's input folder {inputs}, got {folder!r}")
     if not path.is_dir():
         raise RefFaceError(f"reference folder not found: {path} (put the photos in a folder inside {inputs})")
-    photos = sorted(p for p in path.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    photos = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not photos:
-        raise RefFaceError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in the reference folder {path}")
+        raise RefFaceError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in the reference folder {path}")
     return photos
 
 

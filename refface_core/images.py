@@ -16,6 +16,8 @@ from .files import write_atomic
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what folders of photos may hold
+
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open a photo as 8-bit RGB, upright per its EXIF orientation."""

@@ -103,6 +103,8 @@ def test_loss_falls_and_the_export_restores_through_the_cli(setup, tmp_path, cap
 
 
 def test_resume_continues_exactly(setup, tmp_path):
+    from refface_core.training.trainer import train
+
     whole = write_config(setup, tmp_path / "a")
     assert main(["train", "--config", str(whole)]) == 0
     resumed = write_config(setup, tmp_path / "b")
@@ -111,6 +113,11 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert main(["train", "--config", str(resumed), "--resume"]) == 0
     a, b = logged(tmp_path / "a" / "run", "train/loss"), logged(tmp_path / "b" / "run", "train/loss")
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
+    with pytest.raises(RefFaceError, match="already has checkpoints: continue with --resume"):
+        train(load_config(resumed))
+    changed = write_config(setup, tmp_path / "b", batch_size=1)
+    with pytest.raises(RefFaceError, match="cannot resume .* exactly: the run changed \\(batch_size: 2 -> 1\\)"):
+        train(load_config(changed), resume="latest")
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
         first = load_file(tmp_path / "a" / "run" / "checkpoints" / "step_0000006" / name)
         second = load_file(tmp_path / "b" / "run" / "checkpoints" / "step_0000006" / name)
@@ -161,7 +168,7 @@ def test_bad_configs_and_a_non_finite_loss_are_named(setup, tmp_path):
     with torch.no_grad():
         broken.unet.conv_out.bias.fill_(float("nan"))
     broken.save_pretrained(tmp_path / "broken")
-    with pytest.raises(RefFaceError, match=r"non-finite loss at step 1 \(samples \[\d+, \d+\]\): eps nan, loss nan"):
+    with pytest.raises(RefFaceError, match=r"non-finite loss at step 1 \(here: samples \[.+, .+\], eps nan, loss nan"):
         train(load_config(write_config(setup, tmp_path, model=str(tmp_path / "broken"))))
 
 
@@ -181,11 +188,12 @@ def test_degrade_cli_writes_a_reproducible_test_set(tmp_path, capsys):
     assert "refface: error:" in capsys.readouterr().err
 
 
-def test_accelerate_launch_with_two_cpu_processes(setup, tmp_path):
-    config = write_config(setup, tmp_path, steps=2, checkpoint_every=2, sample_every=2, batch_size=1)
+def test_accelerate_launch_with_two_cpu_processes_in_bf16(setup, tmp_path):
+    config = write_config(setup, tmp_path, steps=2, checkpoint_every=2, sample_every=2, batch_size=1,
+                          mixed_precision="bf16")  # fmt: skip
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refface_core.training", "--config", str(config),
+        "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "refface_core.training", "--config", str(config),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -193,3 +201,22 @@ def test_accelerate_launch_with_two_cpu_processes(setup, tmp_path):
     run = tmp_path / "run"
     assert [c.name for c in (run / "checkpoints").iterdir()] == ["step_0000002"]
     assert (run / "final" / "model.safetensors").is_file()
+    assert all(np.isfinite(v) for v in logged(run, "train/loss").values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(setup, tmp_path):
+    from refface_core import RefFaceRestorer
+    from refface_core.context.farl import load_farl
+    from refface_core.training.identity import ArcFace
+
+    grads = []
+    for checkpointing in (False, True):
+        config = load_config(write_config(setup, tmp_path, freeze="full", gradient_checkpointing=checkpointing))
+        restorer = RefFaceRestorer.from_pretrained(config.model)
+        params = trainable_parameters(restorer, config.freeze)
+        model = TrainingModel(restorer, ArcFace.from_onnx(config.arcface), load_farl(config.farl), config)
+        batch = torch.utils.data.default_collate([build_dataset(config)[i] for i in range(2)])
+        draws = step_draws(config, 0, 0, 0, 2, (restorer.vq_config["latent_channels"], 16, 16))
+        model(batch["hq"], batch["lq"], batch["refs"], draws)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params.values() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -26,6 +26,7 @@ class DataConfig:
     num_refs: int = 1  # the paper trains with one reference; ReF-LDM with up to 5
     degradation: str = "train"
     use_lq_images: bool = False  # ffhq_ref: use the CSV's lq_image instead of degrading online
+    lq_root: str | None = None  # ffhq_ref: where those LQ images are (default: root)
     augment: bool = True  # ReF-LDM's reference augmentation
     on_bad: str = "skip"  # a missing image or a face not found: "skip" (reported) or "abort"
     workers: int = 2
@@ -44,8 +45,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-5  # ReF-LDM's
     warmup_steps: int = 1000
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"; this wins over `accelerate launch --mixed_precision`
+    gradient_checkpointing: bool = False  # recompute the UNet's ResNet blocks and the HID decode in backward
     ema_decay: float = 0.9999
     lq_dropout: float = 0.1  # independent drops, matching the ∅ rule of guidance at inference
     context_dropout: float = 0.1
@@ -70,9 +71,17 @@ class TrainConfig:
             problems.append(f"data.on_bad must be 'skip' or 'abort', got {self.data.on_bad!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every",
+                     "keep_checkpoints", "sample_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        for name, value in (("data.num_refs", self.data.num_refs), ("data.size", self.data.size)):
+            if value < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.hid_weight < 0 or self.data.workers < 0:
+            problems.append("lr must be positive; warmup_steps, hid_weight and data.workers at least 0")
+        if not 0 <= self.ema_decay <= 1 or self.sample_steps > 1000:
+            problems.append("ema_decay must be in [0, 1] and sample_steps at most 1000")
         for name in ("lq_dropout", "context_dropout", "hid_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
@@ -95,7 +104,10 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     data = _build(DataConfig, raw.pop("data", None) or {}, "data.")
     config = _build(TrainConfig, {**raw, "data": data}, "")
     base = path.parent
-    for owner, names in ((config, ("model", "output", "arcface", "farl")), (data, ("root", "csv", "split", "cache"))):
+    for owner, names in (
+        (config, ("model", "output", "arcface", "farl")),
+        (data, ("root", "csv", "split", "cache", "lq_root")),
+    ):
         for name in names:
             value = getattr(owner, name)
             if value:

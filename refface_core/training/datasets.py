@@ -30,10 +30,9 @@ from torch.utils.data import Dataset
 from ..errors import RefFaceError, listing
 from ..faces import FaceAnalysis, align_face
 from ..files import write_atomic
-from ..images import load_image
+from ..images import IMAGE_SUFFIXES, load_image
 from .degradations import PRESETS, Degradation, degrade
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ON_BAD = ("skip", "abort")
 
 # ReF-LDM's reference augmentation (torchvision in its code; the same ranges here, in numpy/OpenCV).

@@ -18,9 +18,7 @@ from PIL import Image
 
 from ..errors import RefFaceError
 from ..files import write_atomic
-from ..images import load_image
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from ..images import IMAGE_SUFFIXES, load_image
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,14 +57,23 @@ def trainable_parameters(restorer: RefFaceRestorer, freeze: str) -> dict[str, nn
     return params
 
 
-def arcface_crops(faces: torch.Tensor) -> torch.Tensor:
-    """FFHQ-aligned crops [B,3,S,S] -> ArcFace's 112×112 alignment (insightface's norm_crop of the template)."""
+def estimate_norm_quietly(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """insightface's 2×3 transform onto ArcFace's template, without scikit-image's deprecation warning."""
     from insightface.utils.face_align import estimate_norm
 
-    size = faces.shape[-1]
-    with warnings.catch_warnings():  # scikit-image deprecation inside insightface
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        to_112 = np.vstack([estimate_norm(FFHQ_TEMPLATE_512 * size / 512, 112), [0, 0, 1]])
+        return estimate_norm(landmarks, size)
+
+
+def arcface_crops(faces: torch.Tensor) -> torch.Tensor:
+    """FFHQ-aligned crops [B,3,S,S] -> ArcFace's 112×112 alignment (insightface's norm_crop of the template)."""
+    scale = np.sqrt(abs(np.linalg.det(estimate_norm_quietly(FFHQ_TEMPLATE_512, 112)[:, :2])))  # per 512-crop px
+    size, unscaled = faces.shape[-1], round(512 * scale)  # the crop size the warp neither shrinks nor enlarges
+    if size > unscaled:  # shrink with antialiasing first, as norm_crop's source photo would be sampled
+        faces = F.interpolate(faces, size=(unscaled, unscaled), mode="bilinear", antialias=True, align_corners=False)
+        size = unscaled
+    to_112 = np.vstack([estimate_norm_quietly(FFHQ_TEMPLATE_512 * size / 512, 112), [0, 0, 1]])
     back = np.linalg.inv(to_112)[:2]  # output pixel -> source pixel
     # affine_grid works in [-1, 1] coordinates (align_corners=False): convert pixel maps on both sides
     out_to_px = np.array([[112 / 2, 0, 112 / 2 - 0.5], [0, 112 / 2, 112 / 2 - 0.5], [0, 0, 1]])
@@ -71,6 +81,10 @@ def arcface_crops(faces: torch.Tensor) -> torch.Tensor:
     theta = torch.tensor((px_to_in @ np.vstack([back, [0, 0, 1]]) @ out_to_px)[:2], dtype=faces.dtype)
     grid = F.affine_grid(theta.expand(len(faces), 2, 3).to(faces.device), [len(faces), 3, 112, 112], False)
     return F.grid_sample(faces, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def full_precision(like: torch.Tensor) -> torch.autocast:
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class TrainingModel(nn.Module):
@@ -88,7 +102,7 @@ class TrainingModel(nn.Module):
         if encoder is None:
             return None
         faces = refs.flatten(0, 1)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(refs):
             identity = F.normalize(self.arcface(arcface_crops(faces)).float(), dim=-1)
             appearance = self.farl.hidden_states(faces, encoder.appearance_layers)
         return encoder(identity, appearance).unflatten(0, refs.shape[:2])
@@ -99,11 +113,12 @@ class TrainingModel(nn.Module):
         restorer, config = self.restorer, self.config
         vq = restorer.vq
         b, n = refs.shape[:2]
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(hq):  # targets and frozen encoders stay out of mixed precision
             z0 = vq.encode(hq).latents
             lq_latent = vq.encode(lq).latents * draws["keep_lq"].view(b, 1, 1, 1)
             ref_latents = restorer.encode_references(refs) * draws["keep_context"].view(b, 1, 1, 1, 1)
-            hq_reconstruction = vq.decode(z0).sample  # the x_HQ target: what the model can reach at best
+            # the x_HQ target: what the model can reach at best
+            hq_reconstruction = vq.decode(z0).sample if config.hid_weight > 0 else None
         context = None
         tokens = self.context_tokens(refs)
         if tokens is not None:
@@ -125,8 +140,16 @@ class TrainingModel(nn.Module):
         losses = {"eps": eps_loss, "loss": eps_loss}
         if config.hid_weight > 0:
             x0 = (x_t - (1 - ab).sqrt() * eps.float()) / ab.sqrt()
-            restored = vq.decode(x0.to(vq.dtype)).sample.float()  # straight-through quantisation keeps the gradient
-            hid = hid_loss(self.arcface, restored, hq_reconstruction.float(), refs[:, 0].float(), config.hid_lambda)
+            # straight-through quantisation keeps the gradient; the decoder's activations are the largest cost of a
+            # step at 512², so gradient checkpointing recomputes them too
+            decode = lambda latent: vq.decode(latent).sample  # noqa: E731
+            if config.gradient_checkpointing:
+                restored = torch.utils.checkpoint.checkpoint(decode, x0.to(vq.dtype), use_reentrant=False)
+            else:
+                restored = decode(x0.to(vq.dtype))
+            with full_precision(x0):
+                hid = hid_loss(self.arcface, restored.float(), hq_reconstruction.float(), refs[:, 0].float(),
+                               config.hid_lambda)  # fmt: skip
             losses["hid"] = (hid * ab.view(b).sqrt()).mean()
             losses["loss"] = eps_loss + config.hid_weight * losses["hid"]
         return losses
@@ -183,9 +206,16 @@ class EMA:
 
 
 def save_checkpoint(
-    folder: Path, step: int, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer
+    folder: Path,
+    step: int,
+    params: dict[str, nn.Parameter],
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    run: dict[str, Any],
+    loss_scale: dict[str, Any] | None = None,
 ) -> None:
-    """model, EMA and optimizer state as safetensors, plus the step; written beside and renamed into place."""
+    """model, EMA and optimizer state as safetensors; the step, the fp16 loss scale and what makes the run's batches
+    and draws (``run``) as JSON. Written beside and renamed into place."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -198,23 +228,30 @@ def save_checkpoint(
     save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp / "model.safetensors")
     save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
     save_file(moments, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "ema_updates": ema.updates}) + "\n")
+    state = {"step": step, "ema_updates": ema.updates, "run": run, "loss_scale": loss_scale}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer) -> int:
-    """Restore what ``save_checkpoint`` wrote; returns the step to continue from."""
+def load_checkpoint(
+    folder: Path, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer, run: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote, if ``run`` is the same run; returns its state.json."""
     try:
         state = json.loads((folder / "state.json").read_text())
         weights, shadow = load_file(folder / "model.safetensors"), load_file(folder / "ema.safetensors")
         moments = load_file(folder / "optimizer.safetensors")
     except (OSError, ValueError) as e:
         raise RefFaceError(f"cannot resume from {folder}: {e}") from None
-    if set(weights) != set(params):
+    changed = [f"{k}: {state['run'].get(k)!r} -> {v!r}" for k, v in run.items() if state["run"].get(k) != v]
+    if changed:
         raise RefFaceError(
-            f"the checkpoint {folder} trained other parameters than this config (freeze or model differ)"
+            f"cannot resume {folder} exactly: the run changed ({'; '.join(changed)}); restore those settings, "
+            "or start a new run in another output folder"
         )
+    if set(weights) != set(params):
+        raise RefFaceError(f"the checkpoint {folder} trained other parameters than this model")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
@@ -228,7 +265,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], ema: EMA, opt
         if any(key.startswith(name + ".") for key in moments)
     }
     optimizer.load_state_dict(saved)
-    return state["step"]
+    return state
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -270,6 +307,7 @@ def build_dataset(config: TrainConfig) -> torch.utils.data.Dataset:
         return FFHQRefDataset(
             Path(data.csv), Path(data.root), data.size, data.num_refs, degradation, data.use_lq_images, data.augment,
             Path(data.split) if data.split else None, config.seed, data.on_bad,
+            Path(data.lq_root) if data.lq_root else None,
         )  # fmt: skip
     cache = Path(data.cache) if data.cache else Path(config.output) / "aligned"
     analysis = load_face_analysis(data.face_models)
@@ -282,7 +320,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Run (or, with ``resume`` = "latest" or a checkpoint folder, continue) a training run; returns the exported
     model folder, which `RefFaceRestorer.from_pretrained` and `refface restore` load."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
     from tqdm import tqdm
 
     from ..context.farl import load_farl
@@ -293,8 +331,16 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         gradient_accumulation_steps=config.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # ArcFace's weights are buffers
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RefFaceError(
+            f"training runs on one device or with DDP; {accelerator.distributed_type.value} is not supported yet "
+            "(answer 'no' to FSDP and DeepSpeed in `accelerate config`)"
+        )
     main = accelerator.is_main_process
+    if not resume and latest_checkpoint(output):
+        raise RefFaceError(f"{output} already has checkpoints: continue with --resume, or choose a new output folder")
 
     def say(message: str) -> None:
         if main:
@@ -310,6 +356,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             "a model with Composite Context needs `arcface:` (identity tokens) and `farl:` in the config"
         )
     arcface = ArcFace.from_onnx(config.arcface) if config.arcface else None
+    if has_context:  # found now, not after a long alignment pass
+        restorer.context_encoder.check_identity(arcface(torch.zeros(1, 3, 112, 112)))
     farl = load_farl(config.farl) if has_context else None
     with accelerator.main_process_first():  # the alignment cache is written once
         dataset = build_dataset(config)
@@ -324,12 +372,20 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     ema = EMA(params, config.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    run = {  # what decides the batches and random draws: a resumed run must not change them
+        "model": config.model, "freeze": config.freeze, "seed": config.seed, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "processes": accelerator.num_processes, "num_refs": config.data.num_refs,
+        "samples": len(dataset), "mixed_precision": config.mixed_precision,
+    }  # fmt: skip
     start = 0
     if resume:
         folder = latest_checkpoint(output) if resume == "latest" else Path(resume)
         if folder is None:
             raise RefFaceError(f"no checkpoint to resume from in {output / CHECKPOINTS}")
-        start = load_checkpoint(folder, params, ema, optimizer)
+        state = load_checkpoint(folder, params, ema, optimizer, run)
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["loss_scale"])
+        start = state["step"]
         say(f"resumed from {folder} at step {start}")
 
     f = 2 ** (len(restorer.vq_config["block_out_channels"]) - 1)
@@ -348,13 +404,17 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             draws = {k: v.to(accelerator.device) for k, v in draws.items()}
             with accelerator.accumulate(model):
                 losses = model(*(batch[k].to(accelerator.device) for k in ("hq", "lq", "refs")), draws)
-                if not torch.isfinite(losses["loss"]):
+                if not accelerator.gather(torch.isfinite(losses["loss"]).view(1)).all():  # every process stops
+                    names = [dataset.entries[i].name for i in indices] if hasattr(dataset, "entries") else indices
                     parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-                    raise RefFaceError(f"non-finite loss at step {step + 1} (samples {indices}): {parts}")
+                    raise RefFaceError(
+                        f"non-finite loss at step {step + 1} (here: samples {names}, {parts}; or on another process)"
+                    )
                 accelerator.backward(losses["loss"])
                 optimizer.step()
                 optimizer.zero_grad()
-        ema.update(params)
+        if not accelerator.optimizer_step_was_skipped:  # fp16: the loss scale overflowed, the weights did not move
+            ema.update(params)
         done = step + 1
         bar.update()
         bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
@@ -364,7 +424,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         if done % config.checkpoint_every == 0 or done == config.steps:
             accelerator.wait_for_everyone()
             if main:
-                save_checkpoint(output / CHECKPOINTS / f"step_{done:07d}", done, params, ema, optimizer)
+                scale = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+                save_checkpoint(output / CHECKPOINTS / f"step_{done:07d}", done, params, ema, optimizer, run, scale)
                 for old in sorted((output / CHECKPOINTS).glob("step_*[0-9]"))[: -config.keep_checkpoints]:
                     shutil.rmtree(old)
         if main and (done % config.sample_every == 0 or done == config.steps):
