@@ -237,3 +237,18 @@ def test_augment_reference():
     assert np.array_equal(image, np.asarray(load_image(FACES / "obama.jpg"))[:256, :256])  # input untouched
     with pytest.raises(RefFaceError):
         augment_reference(image.astype(np.float32), np.random.default_rng(0))
+
+
+def test_a_file_broken_after_the_check_is_skipped_or_aborts(ffhq, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(ffhq / "images", images)
+    csv = write_csv(tmp_path / "refs.csv", GOOD[:4], lq=False)
+    skip = FFHQRefDataset(csv, images, size=SIZE, augment=False)
+    abort = FFHQRefDataset(csv, images, size=SIZE, augment=False, on_bad="abort")
+    expected = skip[1]
+    (images / "00000.png").write_bytes(b"not an image any more")
+    sample = skip[0]  # 00000 is broken: sample 1 (whose reference, 00000, is broken too) gives way to sample 2
+    assert torch.equal(sample["hq"], skip[2]["hq"]) and not torch.equal(sample["hq"], expected["hq"])
+    assert "refface: skipped a sample:" in capsys.readouterr().err
+    with pytest.raises(RefFaceError, match="00000.png"):
+        abort[0]

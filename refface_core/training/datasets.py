@@ -18,6 +18,7 @@ import ast
 import csv as csv_module
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,17 @@ class _ReferenceDataset(Dataset):
         return image
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index``; with on_bad="skip", a file found unreadable only now gives way to the next sample."""
+        for offset in range(len(self)):
+            try:
+                return self._sample((index + offset) % len(self))
+            except RefFaceError as e:
+                if self.on_bad == "abort":
+                    raise
+                print(f"refface: skipped a sample: {e}", file=sys.stderr)  # in a DataLoader worker: no shared list
+        raise RefFaceError("no training sample can be read")
+
+    def _sample(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
         augment_rng, degrade_rng = self._generators(index)[1:]
         hq = self._read(entry.target)
