@@ -9,11 +9,19 @@ from refface_core import RefFaceRestorer
 from refface_core.context.farl import load_farl
 from refface_core.faces import load_face_analysis, opencv_zoo_models
 
-from .runtime import INSIGHTFACE, Offloadable, available, found, model_dtype, model_path
+from .runtime import DTYPES, INSIGHTFACE, Offloadable, available, found, model_dtype, model_path
 from .types import FaRLModel, RefFaceModel
 
 OPENCV_ZOO = "opencv_zoo (offline YuNet + SFace)"
-DTYPE_TOOLTIP = "Weights' precision; auto follows ComfyUI's choice for the device (bf16 or fp16 on GPUs, else fp32)."
+
+
+def dtype_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "dtype",
+        options=["auto", *DTYPES],
+        default="auto",
+        tooltip="Weights' precision; auto follows ComfyUI's choice for the device (bf16 or fp16 on GPUs, else fp32).",
+    )
 
 
 class LoadRestorer(io.ComfyNode):
@@ -31,9 +39,7 @@ class LoadRestorer(io.ComfyNode):
                     tooltip="A model folder in models/refface/ (config.json + model.safetensors), made from ReF-LDM's "
                     "refldm.ckpt and vqgan.ckpt with `refface convert`.",
                 ),
-                io.Combo.Input(
-                    "dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=DTYPE_TOOLTIP
-                ),
+                dtype_input(),
             ],
             outputs=[RefFaceModel.Output(display_name="model")],
         )
@@ -94,9 +100,7 @@ class LoadFaRL(io.ComfyNode):
                     options=available("farl"),
                     tooltip="A FaRL checkpoint in models/farl/, e.g. FaRL-Base-Patch16-LAIONFace20M-ep64.pth.",
                 ),
-                io.Combo.Input(
-                    "dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=DTYPE_TOOLTIP
-                ),
+                dtype_input(),
             ],
             outputs=[FaRLModel.Output(display_name="farl")],
         )
