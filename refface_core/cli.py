@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     bench.add_argument("--composite-context", action="store_true", help="add Composite Context layers (random)")
     bench.add_argument("--farl", type=Path, help="FaRL checkpoint (default for context models: random ViT-B/16)")
+    bench.add_argument("--train", action="store_true", help="time training steps instead of a restore")
+    bench.add_argument(
+        "--freeze", choices=["context", "context_attention", "full"], default="context", help="--train: what trains"
+    )
+    bench.add_argument("--gradient-checkpointing", action="store_true", help="--train: recompute in backward")
+    bench.add_argument("--arcface", type=Path, help="--train: ArcFace ONNX for the HID loss (default: a tiny stand-in)")
     add_sampling_options(bench, steps=100, spacing="uniform")
     bench.set_defaults(run=run_bench)
     return parser
@@ -306,6 +312,27 @@ def run_comfy_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_bench(args: argparse.Namespace, model: torch.nn.Module, farl: torch.nn.Module | None) -> int:
+    """Training keeps fp32 weights; --dtype bf16/fp16 becomes mixed precision."""
+    from .bench import random_farl
+    from .training.bench import format_train_table, run_train_bench
+    from .training.identity import ArcFace
+
+    if model.context_encoder is not None and farl is None:
+        farl = random_farl().to(model.device)
+    arcface = ArcFace.from_onnx(args.arcface) if args.arcface else None
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_device(args)[1], "no")
+    result = run_train_bench(
+        model, farl, arcface, args.freeze, args.batch, args.refs, args.gradient_checkpointing, precision
+    )
+    print(format_train_table(result))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
 def run_faces(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
@@ -370,6 +397,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from .context.farl import load_farl
 
         farl = load_farl(args.farl, device=device, dtype=dtype)
+    if args.train:
+        return run_train_bench(args, model.float(), farl)
     options = sampling_options(args)
     result = run_bench(model, refs=args.refs, batch=args.batch, warmup=args.warmup, farl=farl, **options)
     print(format_table(result))

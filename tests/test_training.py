@@ -220,3 +220,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(setup, tmp_path):
         model(batch["hq"], batch["lq"], batch["refs"], draws)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in params.values() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_train_reports_a_step_per_freezing_choice(setup, tmp_path, capsys):
+    counts = {}
+    for freeze in ("context", "context_attention", "full"):
+        out = tmp_path / f"{freeze}.json"
+        args = ["bench", "--train", "--model", str(setup / "context"), "--farl", str(setup / "farl.safetensors")]
+        assert main([*args, "--refs", "1", "--freeze", freeze, "--json", str(out)]) == 0
+        assert f"freeze {freeze}" in capsys.readouterr().out
+        result = yaml.safe_load(out.read_text())
+        assert result["seconds_per_step"] > 0 and result["peak_mib"] > 0 and result["config"]["arcface"] == "stand-in"
+        assert all(np.isfinite(v) for v in result["losses"].values())
+        counts[freeze] = result["trainable_parameters"]
+    assert 0 < counts["context"] < counts["context_attention"] < counts["full"]
