@@ -397,6 +397,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        totals: dict[str, torch.Tensor] = {}
         for micro in range(config.grad_accum):
             indices, batch = next(data)
             b = len(indices)
@@ -413,14 +414,17 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 accelerator.backward(losses["loss"])
                 optimizer.step()
                 optimizer.zero_grad()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach() / config.grad_accum
         if not accelerator.optimizer_step_was_skipped:  # fp16: the loss scale overflowed, the weights did not move
             ema.update(params)
         done = step + 1
+        means = {k: v.item() for k, v in accelerator.reduce(totals, reduction="mean").items()}  # all processes
         bar.update()
-        bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+        bar.set_postfix(loss=f"{means['loss']:.4f}")
         if done % config.log_every == 0 or done == config.steps:
-            lr = optimizer.param_groups[0]["lr"]
-            accelerator.log({f"train/{k}": v.item() for k, v in losses.items()} | {"train/lr": lr}, step=done)
+            accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": optimizer.param_groups[0]["lr"]},
+                            step=done)  # fmt: skip
         if done % config.checkpoint_every == 0 or done == config.steps:
             accelerator.wait_for_everyone()
             if main:
