@@ -325,11 +325,15 @@ def run_train_bench(args: argparse.Namespace, model: torch.nn.Module, farl: torc
     result = run_train_bench(
         model, farl, arcface, args.freeze, args.batch, args.refs, args.gradient_checkpointing, precision
     )
-    print(format_train_table(result))
+    return print_report(format_train_table(result), result, args.json)
+
+
+def print_report(table: str, result: dict, json_path: Path | None) -> int:
+    """A benchmark's table and its JSON, also written to ``json_path``."""
     text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print(f"{table}\n{text}")
+    if json_path:
+        json_path.write_text(text)
     return 0
 
 
@@ -401,9 +405,4 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_train_bench(args, model.float(), farl)
     options = sampling_options(args)
     result = run_bench(model, refs=args.refs, batch=args.batch, warmup=args.warmup, farl=farl, **options)
-    print(format_table(result))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return 0
+    return print_report(format_table(result), result, args.json)
