@@ -15,6 +15,7 @@ from PIL import Image
 
 from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.images import from_model_tensor
+from refface_core.model import DTYPES
 
 # our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {
@@ -28,7 +29,6 @@ HOW_TO_GET = {
     "farl": "download FaRL-Base-Patch16-LAIONFace20M-ep64.pth into it",
     "insightface": "put an insightface pack such as antelopev2 or buffalo_l in models/insightface/models/<name>/",
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def register_model_folders() -> None:

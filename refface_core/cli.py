@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from .errors import RefFaceError
+from .model import DTYPES
 from .sampling import GUIDANCES, SOLVERS, SPACINGS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,11 @@
 from ..checkpoints import load_checkpoint
 from .convert import convert_refldm
-from .restorer import CompositeContext, RefFaceRestorer
+from .restorer import DTYPES, CompositeContext, RefFaceRestorer
 from .unet import CacheKV, KVRecorder, refldm_unet_config
 from .vq import refldm_vq_config
 
 __all__ = [
+    "DTYPES",
     "CacheKV",
     "CompositeContext",
     "KVRecorder",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import RefFaceRestorer
+from ..model import DTYPES, RefFaceRestorer
 from .config import DataConfig, TrainConfig
 from .identity import ArcFace
 from .trainer import TrainingModel, step_draws, trainable_parameters
@@ -77,7 +77,7 @@ def run_train_bench(
     references = torch.rand(batch, refs, 3, size, size, generator=gen).to(device) * 2 - 1
     f = 2 ** (len(model.vq_config["block_out_channels"]) - 1)
     latent_shape = (model.vq_config["latent_channels"], size // f, size // f)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast_dtype = DTYPES.get(mixed_precision)  # None for "no"
     seconds = []
     for step in range(steps):
         draws = {k: v.to(device) for k, v in step_draws(config, step, 0, 0, batch, latent_shape).items()}

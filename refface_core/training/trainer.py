@@ -25,6 +25,7 @@ from ..files import write_atomic
 from ..model import RefFaceRestorer
 from ..model.unet import KVRecorder, unet_forward
 from ..sampling import refldm_alphas_cumprod
+from ..sampling.schedule import TRAIN_STEPS
 from .config import TrainConfig
 from .identity import ArcFace, hid_loss
 
@@ -161,7 +162,7 @@ def step_draws(
     """The step's timesteps, noise and dropout masks, from (seed, step, micro-batch, process) alone."""
     g = torch.Generator().manual_seed(hash((config.seed, step, micro, process)) % 2**63)
     return {
-        "t": torch.randint(0, len(refldm_alphas_cumprod()), (b,), generator=g),
+        "t": torch.randint(0, TRAIN_STEPS, (b,), generator=g),
         "noise": torch.randn((b, *latent_shape), generator=g),
         "keep_lq": (torch.rand(b, generator=g) >= config.lq_dropout).float(),
         "keep_context": (torch.rand(b, generator=g) >= config.context_dropout).float(),
