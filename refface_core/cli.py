@@ -262,7 +262,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .training.trainer import train
 
     final = train(load_config(args.config), resume=args.resume)
-    print(f"wrote {final}")
+    if final:  # the main process
+        print(f"wrote {final}")
     return 0
 
 

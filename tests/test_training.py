@@ -188,20 +188,95 @@ def test_degrade_cli_writes_a_reproducible_test_set(tmp_path, capsys):
     assert "refface: error:" in capsys.readouterr().err
 
 
-def test_accelerate_launch_with_two_cpu_processes_in_bf16(setup, tmp_path):
-    config = write_config(setup, tmp_path, steps=2, checkpoint_every=2, sample_every=2, batch_size=1,
-                          mixed_precision="bf16")  # fmt: skip
+def accelerate_launch(config: Path, *args: str, fsdp: bool = False) -> str:
+    """`accelerate launch` of two CPU processes over gloo: its multi-process launcher with ACCELERATE_USE_CPU (`--cpu`
+    alone starts one process). FSDP goes through tests/fsdp_on_cpu.py, which lifts accelerate's accelerator-only gate
+    for it. Returns stderr."""
+    mode = (
+        ["--use_fsdp", "--fsdp_version", "2", "tests/fsdp_on_cpu.py"]
+        if fsdp
+        else ["--multi_gpu", "-m", "refface_core.training"]
+    )
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "refface_core.training", "--config", str(config),
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "bf16", "--dynamo_backend", "no", *mode, "--config", str(config), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
-    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    return result.stderr
+
+
+def two_process_config(setup, folder: Path) -> Path:
+    return write_config(setup, folder, freeze="full", steps=4, checkpoint_every=2, sample_every=4, batch_size=1,
+                        mixed_precision="bf16", gradient_checkpointing=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(setup, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    stderr = accelerate_launch(two_process_config(setup, folder))
+    return folder / "run", stderr
+
+
+def checkpoint_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
+    folder = run / "checkpoints" / f"step_{step:07d}"
+    kinds = ("model", "ema", "optimizer")
+    return {f"{kind}/{k}": v for kind in kinds for k, v in load_file(folder / f"{kind}.safetensors").items()}
+
+
+def test_accelerate_launch_with_two_cpu_processes_in_bf16(ddp_run):
+    run, stderr = ddp_run
+    assert "on 2 process(es), MULTI_CPU" in stderr
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert (run / "final" / "model.safetensors").is_file()
-    assert all(np.isfinite(v) for v in logged(run, "train/loss").values())
+    assert len(logged(run, "train/loss")) == 4 and all(np.isfinite(v) for v in logged(run, "train/loss").values())
+
+
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(setup, tmp_path, ddp_run):
+    from refface_core import RefFaceRestorer
+
+    ddp, _ = ddp_run
+    stderr = accelerate_launch(two_process_config(setup, tmp_path / "fsdp"), fsdp=True)
+    assert "on 2 process(es), FSDP" in stderr
+    fsdp = tmp_path / "fsdp" / "run"
+    assert logged(fsdp, "train/loss") == pytest.approx(logged(ddp, "train/loss"), rel=1e-6)
+    sharded, replicated = checkpoint_tensors(fsdp, 4), checkpoint_tensors(ddp, 4)  # gathered whole from the shards
+    assert sharded.keys() == replicated.keys()
+    assert all(torch.allclose(sharded[k], replicated[k], atol=1e-6) for k in sharded)
+    exported, reference = (RefFaceRestorer.from_pretrained(r / "final").state_dict() for r in (fsdp, ddp))
+    assert all(torch.allclose(exported[k], reference[k], atol=1e-6) for k in reference)
+    assert (fsdp / "samples" / "step_0000004.png").is_file()
+
+    resumed = tmp_path / "resumed" / "run"  # continue from step 2: the sharded state is put back exactly
+    shutil.copytree(fsdp / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    accelerate_launch(two_process_config(setup, tmp_path / "resumed"), "--resume", fsdp=True)
+    continued = checkpoint_tensors(resumed, 4)
+    assert all(torch.equal(continued[k], sharded[k]) for k in sharded)
+
+
+def test_fsdp_settings_the_trainer_cannot_honour_are_refused(monkeypatch):
+    from refface_core.training.trainer import fsdp_plugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(RefFaceError, match="fsdp_version: 2"):
+        fsdp_plugin([])
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(RefFaceError, match="offload is not supported"):
+        fsdp_plugin([])
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(RefFaceError, match="gradient_checkpointing: true"):
+        fsdp_plugin([])
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    plugin = fsdp_plugin([torch.nn.Linear(2, 2)])
+    assert (
+        plugin.fsdp_version == 2
+        and plugin.auto_wrap_policy is None
+        and plugin.mixed_precision_policy.param_dtype is None
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(setup, tmp_path):

@@ -1,14 +1,16 @@
-"""Fine-tuning with Composite Context and the Hard Example Identity loss, on HF accelerate (one GPU, DDP, FSDP or
-DeepSpeed through `accelerate launch`). Every random draw derives from (seed, step, process), so a run resumed from a
-checkpoint continues exactly."""
+"""Fine-tuning with Composite Context and the Hard Example Identity loss, on HF accelerate (one GPU, or DDP or FSDP2
+through `accelerate launch`). Every random draw derives from (seed, step, process), so a run resumed from a checkpoint
+continues exactly."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import RefFaceError
 from ..faces.align import FFHQ_TEMPLATE_512
@@ -191,8 +194,21 @@ def batches(
         epoch, offset = epoch + 1, 0
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP shard (a collective: every process calls it, in one order); others as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def placed_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` on ``like``'s device, as this process's shard if ``like`` is an FSDP shard."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full.to(like.device)
+
+
 class EMA:
-    """Moving average of the trained weights, with ReF-LDM's warm-up: decay min(d, (1 + n) / (10 + n))."""
+    """Moving average of the trained weights, with ReF-LDM's warm-up: decay min(d, (1 + n) / (10 + n)). Under FSDP
+    each process averages its own shard."""
 
     def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
         self.decay, self.updates = decay, 0
@@ -207,7 +223,7 @@ class EMA:
 
 
 def save_checkpoint(
-    folder: Path,
+    folder: Path | None,
     step: int,
     params: dict[str, nn.Parameter],
     ema: EMA,
@@ -216,19 +232,25 @@ def save_checkpoint(
     loss_scale: dict[str, Any] | None = None,
 ) -> None:
     """model, EMA and optimizer state as safetensors; the step, the fp16 loss scale and what makes the run's batches
-    and draws (``run``) as JSON. Written beside and renamed into place."""
+    and draws (``run``) as JSON. Written beside and renamed into place. Every process calls it (FSDP gathers the
+    shards); the one given a ``folder`` writes."""
+    names = list(params)
+    tensors = {
+        "model": {k: whole(p.detach()) for k, p in params.items()},
+        "ema": {k: whole(v) for k, v in ema.shadow.items()},
+        "optimizer": {
+            f"{names[i]}.{key}": whole(value.detach()) if torch.is_tensor(value) else torch.tensor(value)
+            for i, state in optimizer.state_dict()["state"].items()
+            for key, value in state.items()
+        },
+    }
+    if folder is None:
+        return
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = list(params)
-    moments = {
-        f"{names[i]}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
-        for i, state in optimizer.state_dict()["state"].items()
-        for key, value in state.items()
-    }
-    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp / "model.safetensors")
-    save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
-    save_file(moments, tmp / "optimizer.safetensors")
+    for kind, values in tensors.items():
+        save_file({k: v.cpu().contiguous() for k, v in values.items()}, tmp / f"{kind}.safetensors")
     state = {"step": step, "ema_updates": ema.updates, "run": run, "loss_scale": loss_scale}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
@@ -255,16 +277,15 @@ def load_checkpoint(
         raise RefFaceError(f"the checkpoint {folder} trained other parameters than this model")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
-    ema.shadow = {name: shadow[name].to(p.device) for name, p in params.items()}
+            p.copy_(placed_like(weights[name].to(p.dtype), p))
+    ema.shadow = {name: placed_like(shadow[name], p) for name, p in params.items()}
     ema.updates = state["ema_updates"]
-    names = list(params)
     saved = optimizer.state_dict()
-    saved["state"] = {
-        i: {key.removeprefix(name + "."): v for key, v in moments.items() if key.startswith(name + ".")}
-        for i, name in enumerate(names)
-        if any(key.startswith(name + ".") for key in moments)
-    }
+    saved["state"] = {}
+    for i, (name, p) in enumerate(params.items()):
+        mine = {key.removeprefix(name + "."): v for key, v in moments.items() if key.startswith(name + ".")}
+        if mine:  # moments shaped like the parameter are sharded like it; the step count is not
+            saved["state"][i] = {k: placed_like(v, p) if v.shape == p.shape else v for k, v in mine.items()}
     optimizer.load_state_dict(saved)
     return state
 
@@ -275,8 +296,8 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 @torch.no_grad()
-def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig, path: Path) -> None:
-    """A PNG for a person to look at: per sample, LQ | restored | HQ | first reference."""
+def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig) -> np.ndarray:
+    """Pixels for a person to look at: per sample, LQ | restored | HQ | first reference."""
     restorer = model.restorer
     device = restorer.device
     hq, lq, refs = (batch[k].to(device) for k in ("hq", "lq", "refs"))
@@ -290,9 +311,59 @@ def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: Tr
     size = hq.shape[-1]
     columns = [lq, F.interpolate(restored, size=(size, size), mode="bilinear"), hq, refs[:, 0]]
     grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # [3, B·S, 4·S]
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def fsdp_plugin(frozen: list[nn.Module]) -> Any:
+    """The plugin when `accelerate launch` asks for FSDP, fitted to this model: FSDP2 with the whole model as one unit
+    (gradients and optimizer state sharded; the UNet runs piecewise and twice a step, and per-ResNet units lost the
+    last block's gradients in a bf16 test), the ``frozen`` encoders whole on every process, and fp32 weights under
+    accelerate's autocast, as with DDP."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    if os.environ.get("FSDP_VERSION", "2") != "2":
+        raise RefFaceError(
+            "training shards with FSDP2: set `fsdp_version: 2` in `accelerate config`, or pass `--fsdp_version 2` "
+            "to `accelerate launch`"
+        )
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise RefFaceError(
+            "FSDP parameter offload is not supported (the sharded training state of this model fits on a GPU); "
+            "turn it off in `accelerate config`"
+        )
+    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        raise RefFaceError(
+            "FSDP's activation checkpointing wraps and renames the UNet's modules; turn it off in `accelerate config` "
+            "and set `gradient_checkpointing: true` in the training config instead"
+        )
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="no_wrap", mixed_precision_policy=MixedPrecisionPolicy(),
+        ignored_modules=frozen, cpu_ram_efficient_loading=False, activation_checkpointing=False,
+    )  # fmt: skip
+
+
+@contextmanager
+def whole_root(model: nn.Module) -> Iterator[None]:
+    """Under FSDP, the root unit's weights gathered for a use that does not run its forward (sampling); every process
+    takes part. Elsewhere, nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def build_dataset(config: TrainConfig) -> torch.utils.data.Dataset:
@@ -317,9 +388,10 @@ def build_dataset(config: TrainConfig) -> torch.utils.data.Dataset:
     )
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
+def train(config: TrainConfig, resume: str | None = None) -> Path | None:
     """Run (or, with ``resume`` = "latest" or a checkpoint folder, continue) a training run; returns the exported
-    model folder, which `RefFaceRestorer.from_pretrained` and `refface restore` load."""
+    model folder, which `RefFaceRestorer.from_pretrained` and `refface restore` load (None on a distributed run's
+    other processes)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
     from tqdm import tqdm
@@ -327,26 +399,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from ..context.farl import load_farl
 
     output = Path(config.output)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # ArcFace's weights are buffers
-    )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise RefFaceError(
-            f"training runs on one device or with DDP; {accelerator.distributed_type.value} is not supported yet "
-            "(answer 'no' to FSDP and DeepSpeed in `accelerate config`)"
-        )
-    main = accelerator.is_main_process
-    if not resume and latest_checkpoint(output):
-        raise RefFaceError(f"{output} already has checkpoints: continue with --resume, or choose a new output folder")
-
-    def say(message: str) -> None:
-        if main:
-            tqdm.write(message, file=sys.stderr)
-
     restorer = RefFaceRestorer.from_pretrained(config.model)
     if config.data.size != restorer.image_size:
         raise RefFaceError(f"data.size is {config.data.size}, but the model restores {restorer.image_size}px faces")
@@ -360,19 +412,45 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     if has_context:  # found now, not after a long alignment pass
         restorer.context_encoder.check_identity(arcface(torch.zeros(1, 3, 112, 112)))
     farl = load_farl(config.farl) if has_context else None
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # ArcFace's weights are buffers
+        fsdp_plugin=fsdp_plugin([m for m in (restorer.vq, farl) if m is not None]),
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise RefFaceError(
+            "training runs on one device, with DDP or with FSDP2; DeepSpeed is not supported (answer 'no' to "
+            "DeepSpeed in `accelerate config`, and choose FSDP with fsdp_version 2 to shard the training state)"
+        )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    main = accelerator.is_main_process
+    if not resume and latest_checkpoint(output):
+        raise RefFaceError(f"{output} already has checkpoints: continue with --resume, or choose a new output folder")
+
+    def say(message: str) -> None:
+        if main:
+            tqdm.write(message, file=sys.stderr)
+
     with accelerator.main_process_first():  # the alignment cache is written once
         dataset = build_dataset(config)
     problems = list(getattr(dataset, "problems", []))
     for problem in problems[:20]:
         say(f"skipped: {problem}")
     count = sum(p.numel() for p in params.values())
-    say(f"{len(dataset)} training samples, {len(problems)} skipped; training {count:,} parameters ({config.freeze})")
+    say(
+        f"{len(dataset)} training samples, {len(problems)} skipped; training {count:,} parameters ({config.freeze}) "
+        f"on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
+    )
 
-    model = TrainingModel(restorer, arcface, farl, config)
+    model = TrainingModel(restorer, arcface, farl, config).to(accelerator.device)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr)
-    ema = EMA(params, config.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    params = {name: p for name, p in restorer.named_parameters() if name in params}  # FSDP swaps in its shards
+    ema = EMA(params, config.ema_decay)
     run = {  # what decides the batches and random draws: a resumed run must not change them
         "model": config.model, "freeze": config.freeze, "seed": config.seed, "batch_size": config.batch_size,
         "grad_accum": config.grad_accum, "processes": accelerator.num_processes, "num_refs": config.data.num_refs,
@@ -392,7 +470,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     f = 2 ** (len(restorer.vq_config["block_out_channels"]) - 1)
     latent_shape = (restorer.vq_config["latent_channels"], config.data.size // f, config.data.size // f)
     data = batches(dataset, config, start * config.grad_accum, accelerator.process_index, accelerator.num_processes)
-    preview = next(batches(dataset, config, 0, 0, 1))[1] if main else None
+    preview = next(batches(dataset, config, 0, 0, 1))[1] if main or fsdp else None  # FSDP samples on every process
     accelerator.init_trackers("refface")
     bar = tqdm(total=config.steps, initial=start, disable=not main, unit="step", file=sys.stderr)
     for step in range(start, config.steps):
@@ -405,7 +483,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             draws = step_draws(config, step, micro, accelerator.process_index, b, latent_shape)
             draws = {k: v.to(accelerator.device) for k, v in draws.items()}
             with accelerator.accumulate(model):
-                losses = model(*(batch[k].to(accelerator.device) for k in ("hq", "lq", "refs")), draws)
+                with accelerator.autocast():  # FSDP2 leaves mixed precision to us: its weights stay fp32
+                    losses = model(*(batch[k].to(accelerator.device) for k in ("hq", "lq", "refs")), draws)
                 if not accelerator.gather(torch.isfinite(losses["loss"]).view(1)).all():  # every process stops
                     names = [dataset.entries[i].name for i in indices] if hasattr(dataset, "entries") else indices
                     parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
@@ -428,21 +507,25 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                             step=done)  # fmt: skip
         if done % config.checkpoint_every == 0 or done == config.steps:
             accelerator.wait_for_everyone()
+            scale = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            folder = output / CHECKPOINTS / f"step_{done:07d}"
+            save_checkpoint(folder if main else None, done, params, ema, optimizer, run, scale)
             if main:
-                scale = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-                save_checkpoint(output / CHECKPOINTS / f"step_{done:07d}", done, params, ema, optimizer, run, scale)
                 for old in sorted((output / CHECKPOINTS).glob("step_*[0-9]"))[: -config.keep_checkpoints]:
                     shutil.rmtree(old)
-        if main and (done % config.sample_every == 0 or done == config.steps):
-            sample_grid(accelerator.unwrap_model(model), preview, config, output / "samples" / f"step_{done:07d}.png")
+        if (main or fsdp) and (done % config.sample_every == 0 or done == config.steps):
+            with whole_root(model):
+                pixels = sample_grid(accelerator.unwrap_model(model), preview, config)
+            if main:
+                save_png(pixels, output / "samples" / f"step_{done:07d}.png")
     bar.close()
-    accelerator.wait_for_everyone()
+    shadow = {name: whole(v) for name, v in ema.shadow.items()}
     final = output / "final"
-    if main:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(ema.shadow[name])  # export the EMA weights
-        restorer.save_pretrained(final)
+    if main:  # the base model with the EMA of the trained weights
+        export = RefFaceRestorer.from_pretrained(config.model)
+        export.load_state_dict(shadow, strict=False)
+        export.save_pretrained(final)
         say(f"exported {final}" + (f"; {len(problems)} samples were skipped" if problems else ""))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
+    return final if main else None
