@@ -262,7 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .training.trainer import train
 
     final = train(load_config(args.config), resume=args.resume)
-    if final:  # the main process
+    if final is not None:  # the main process
         print(f"wrote {final}")
     return 0
 

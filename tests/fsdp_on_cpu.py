@@ -1,5 +1,6 @@
 """`accelerate launch` target for the FSDP test. accelerate turns FSDP on only for accelerator devices, while FSDP2
-itself runs on CPU over gloo, so this lifts accelerate's device gate before the trainer builds its Accelerator."""
+itself runs on CPU over gloo, so this lifts accelerate's device gate before the trainer builds its Accelerator (through
+a private field, as of accelerate 1.15: the FSDP test fails loudly if that changes)."""
 
 import sys
 

@@ -92,8 +92,8 @@ def full_precision(like: torch.Tensor) -> torch.autocast:
 
 
 class TrainingModel(nn.Module):
-    """One training step's forward: the loss of ε-prediction plus the weighted HID term. DDP wraps this module, so
-    gradients of everything trainable inside are synchronised."""
+    """One training step's forward: the loss of ε-prediction plus the weighted HID term. DDP or FSDP wraps this module,
+    so gradients of everything trainable inside are synchronised."""
 
     def __init__(self, restorer: RefFaceRestorer, arcface: ArcFace | None, farl: nn.Module | None, config: TrainConfig):
         super().__init__()
@@ -194,9 +194,15 @@ def batches(
         epoch, offset = epoch + 1, 0
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The full tensor of an FSDP shard (a collective: every process calls it, in one order); others as they are."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """The full tensors on the CPU where ``keep``, else nothing. FSDP shards are gathered one at a time (a collective:
+    every process calls this, in one order), so a process never holds more than one whole tensor on its device."""
+    kept = {}
+    for name, tensor in tensors.items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            kept[name] = full.detach().cpu().contiguous()
+    return kept
 
 
 def placed_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -234,15 +240,18 @@ def save_checkpoint(
     """model, EMA and optimizer state as safetensors; the step, the fp16 loss scale and what makes the run's batches
     and draws (``run``) as JSON. Written beside and renamed into place. Every process calls it (FSDP gathers the
     shards); the one given a ``folder`` writes."""
-    names = list(params)
+    names, keep = list(params), folder is not None
     tensors = {
-        "model": {k: whole(p.detach()) for k, p in params.items()},
-        "ema": {k: whole(v) for k, v in ema.shadow.items()},
-        "optimizer": {
-            f"{names[i]}.{key}": whole(value.detach()) if torch.is_tensor(value) else torch.tensor(value)
-            for i, state in optimizer.state_dict()["state"].items()
-            for key, value in state.items()
-        },
+        "model": gathered(params, keep),
+        "ema": gathered(ema.shadow, keep),
+        "optimizer": gathered(
+            {
+                f"{names[i]}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+                for i, state in optimizer.state_dict()["state"].items()
+                for key, value in state.items()
+            },
+            keep,
+        ),
     }
     if folder is None:
         return
@@ -250,7 +259,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for kind, values in tensors.items():
-        save_file({k: v.cpu().contiguous() for k, v in values.items()}, tmp / f"{kind}.safetensors")
+        save_file(values, tmp / f"{kind}.safetensors")
     state = {"step": step, "ema_updates": ema.updates, "run": run, "loss_scale": loss_scale}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
@@ -284,8 +293,8 @@ def load_checkpoint(
     saved["state"] = {}
     for i, (name, p) in enumerate(params.items()):
         mine = {key.removeprefix(name + "."): v for key, v in moments.items() if key.startswith(name + ".")}
-        if mine:  # moments shaped like the parameter are sharded like it; the step count is not
-            saved["state"][i] = {k: placed_like(v, p) if v.shape == p.shape else v for k, v in mine.items()}
+        if mine:  # the moments are sharded like the parameter; the step count is not
+            saved["state"][i] = {k: v if k == "step" else placed_like(v, p) for k, v in mine.items()}
     optimizer.load_state_dict(saved)
     return state
 
@@ -321,25 +330,25 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
 
 def fsdp_plugin(frozen: list[nn.Module]) -> Any:
     """The plugin when `accelerate launch` asks for FSDP, fitted to this model: FSDP2 with the whole model as one unit
-    (gradients and optimizer state sharded; the UNet runs piecewise and twice a step, and per-ResNet units lost the
-    last block's gradients in a bf16 test), the ``frozen`` encoders whole on every process, and fp32 weights under
-    accelerate's autocast, as with DDP."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    (optimizer state and EMA sharded; units per ResNet block, each run twice a step by the reference and main passes,
+    lost the last block's gradients in the first step of a bf16 test), the ``frozen`` encoders whole on every process,
+    and fp32 weights under accelerate's autocast, as with DDP."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return None
-    if os.environ.get("FSDP_VERSION", "2") != "2":
+    if int(os.environ.get("FSDP_VERSION", "2")) != 2:
         raise RefFaceError(
             "training shards with FSDP2: set `fsdp_version: 2` in `accelerate config`, or pass `--fsdp_version 2` "
             "to `accelerate launch`"
         )
-    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+    if parse_flag_from_env("FSDP_OFFLOAD_PARAMS"):
         raise RefFaceError(
             "FSDP parameter offload is not supported (the sharded training state of this model fits on a GPU); "
             "turn it off in `accelerate config`"
         )
-    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+    if parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"):
         raise RefFaceError(
             "FSDP's activation checkpointing wraps and renames the UNet's modules; turn it off in `accelerate config` "
             "and set `gradient_checkpointing: true` in the training config instead"
@@ -353,7 +362,7 @@ def fsdp_plugin(frozen: list[nn.Module]) -> Any:
 @contextmanager
 def whole_root(model: nn.Module) -> Iterator[None]:
     """Under FSDP, the root unit's weights gathered for a use that does not run its forward (sampling); every process
-    takes part. Elsewhere, nothing to do."""
+    enters it. Elsewhere, nothing to do."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -426,7 +435,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
             "training runs on one device, with DDP or with FSDP2; DeepSpeed is not supported (answer 'no' to "
             "DeepSpeed in `accelerate config`, and choose FSDP with fsdp_version 2 to shard the training state)"
         )
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     main = accelerator.is_main_process
     if not resume and latest_checkpoint(output):
         raise RefFaceError(f"{output} already has checkpoints: continue with --resume, or choose a new output folder")
@@ -440,17 +448,20 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
     problems = list(getattr(dataset, "problems", []))
     for problem in problems[:20]:
         say(f"skipped: {problem}")
-    count = sum(p.numel() for p in params.values())
-    say(
-        f"{len(dataset)} training samples, {len(problems)} skipped; training {count:,} parameters ({config.freeze}) "
-        f"on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}"
-    )
+    say(f"{len(dataset)} training samples, {len(problems)} skipped")
 
     model = TrainingModel(restorer, arcface, farl, config).to(accelerator.device)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
     params = {name: p for name, p in restorer.named_parameters() if name in params}  # FSDP swaps in its shards
     ema = EMA(params, config.ema_decay)
+    count = sum(p.numel() for p in params.values())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params.values())
+    say(
+        f"training {count:,} parameters ({config.freeze}) on {accelerator.num_processes} process(es), "
+        f"{accelerator.distributed_type.value}; each process holds {held:,} of them and their optimizer state"
+    )
     run = {  # what decides the batches and random draws: a resumed run must not change them
         "model": config.model, "freeze": config.freeze, "seed": config.seed, "batch_size": config.batch_size,
         "grad_accum": config.grad_accum, "processes": accelerator.num_processes, "num_refs": config.data.num_refs,
@@ -470,7 +481,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
     f = 2 ** (len(restorer.vq_config["block_out_channels"]) - 1)
     latent_shape = (restorer.vq_config["latent_channels"], config.data.size // f, config.data.size // f)
     data = batches(dataset, config, start * config.grad_accum, accelerator.process_index, accelerator.num_processes)
-    preview = next(batches(dataset, config, 0, 0, 1))[1] if main or fsdp else None  # FSDP samples on every process
+    preview = next(batches(dataset, config, 0, 0, 1))[1] if main else None
     accelerator.init_trackers("refface")
     bar = tqdm(total=config.steps, initial=start, disable=not main, unit="step", file=sys.stderr)
     for step in range(start, config.steps):
@@ -513,17 +524,18 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
             if main:
                 for old in sorted((output / CHECKPOINTS).glob("step_*[0-9]"))[: -config.keep_checkpoints]:
                     shutil.rmtree(old)
-        if (main or fsdp) and (done % config.sample_every == 0 or done == config.steps):
-            with whole_root(model):
-                pixels = sample_grid(accelerator.unwrap_model(model), preview, config)
-            if main:
-                save_png(pixels, output / "samples" / f"step_{done:07d}.png")
+        if done % config.sample_every == 0 or done == config.steps:
+            with whole_root(unwrapped):  # every process takes part in gathering FSDP's shards
+                if main:
+                    save_png(sample_grid(unwrapped, preview, config), output / "samples" / f"step_{done:07d}.png")
     bar.close()
-    shadow = {name: whole(v) for name, v in ema.shadow.items()}
+    shadow = gathered(ema.shadow, keep=main)
     final = output / "final"
     if main:  # the base model with the EMA of the trained weights
         export = RefFaceRestorer.from_pretrained(config.model)
-        export.load_state_dict(shadow, strict=False)
+        with torch.no_grad():
+            for name, value in shadow.items():
+                export.get_parameter(name).copy_(value)
         export.save_pretrained(final)
         say(f"exported {final}" + (f"; {len(problems)} samples were skipped" if problems else ""))
     accelerator.wait_for_everyone()
