@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import RefFaceError
 from ..faces.align import FFHQ_TEMPLATE_512
-from ..files import write_atomic
+from ..images import save_image
 from ..model import RefFaceRestorer
 from ..model.unet import KVRecorder, unet_forward
 from ..sampling import refldm_alphas_cumprod
@@ -305,8 +305,8 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 @torch.no_grad()
-def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig) -> np.ndarray:
-    """Pixels for a person to look at: per sample, LQ | restored | HQ | first reference."""
+def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig) -> Image.Image:
+    """An image for a person to look at: per sample, LQ | restored | HQ | first reference."""
     restorer = model.restorer
     device = restorer.device
     hq, lq, refs = (batch[k].to(device) for k in ("hq", "lq", "refs"))
@@ -320,12 +320,7 @@ def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: Tr
     size = hq.shape[-1]
     columns = [lq, F.interpolate(restored, size=(size, size), mode="bilinear"), hq, refs[:, 0]]
     grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # [3, B·S, 4·S]
-    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def save_png(pixels: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    return Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 def fsdp_plugin(frozen: list[nn.Module]) -> Any:
@@ -527,7 +522,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
         if done % config.sample_every == 0 or done == config.steps:
             with whole_root(unwrapped):  # every process takes part in gathering FSDP's shards
                 if main:
-                    save_png(sample_grid(unwrapped, preview, config), output / "samples" / f"step_{done:07d}.png")
+                    (output / "samples").mkdir(parents=True, exist_ok=True)
+                    save_image(sample_grid(unwrapped, preview, config), output / "samples" / f"step_{done:07d}.png")
     bar.close()
     shadow = gathered(ema.shadow, keep=main)
     final = output / "final"
