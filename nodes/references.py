@@ -11,9 +11,8 @@ import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.faces import FaceAnalysis
+from refface_core.faces import FaceAnalysis, face_similarity, prepare_references
 from refface_core.images import IMAGE_SUFFIXES, load_image
-from refface_core.pipeline import face_similarity, main_face_embeddings, prepare_references
 
 from .runtime import to_arrays, to_image
 from .types import Identity, IdentityType
@@ -121,9 +120,7 @@ class LoadReferenceFaces(io.ComfyNode):
             raise RefFaceError("no reference photos: connect at least one image or set a folder")
         threshold = same_person_threshold(face_analysis, threshold)
         refs = prepare_references(face_analysis, photos, ALIGNED_SIZE, names, keep or None, threshold)
-        report = "\n".join(f"{names[r.index]}: {r.describe()}" for r in refs.reports)
-        if not refs.crops:
-            raise RefFaceError(f"every reference was flagged as another person:\n{report}")
+        report = "\n".join(refs.lines)
         return io.NodeOutput(to_image(refs.crops), Identity(refs.embeddings, face_analysis.name), report)
 
 
@@ -145,7 +142,7 @@ class IdentityEmbedding(io.ComfyNode):
     @classmethod
     def execute(cls, face_analysis: FaceAnalysis, image: torch.Tensor) -> io.NodeOutput:
         arrays = to_arrays(image)
-        embeddings = main_face_embeddings(face_analysis, arrays, [f"image {i}" for i in range(len(arrays))])
+        embeddings = face_analysis.main_embeddings(arrays, [f"image {i}" for i in range(len(arrays))])
         return io.NodeOutput(Identity(embeddings, face_analysis.name))
 
 

@@ -12,10 +12,20 @@ import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.faces import Face, FaceAnalysis, align_face, paste_back, paste_mask
+from refface_core.choices import GUIDANCES, SOLVERS, SPACINGS
+from refface_core.faces import (
+    SELECT_MODES,
+    Face,
+    FaceAnalysis,
+    PhotoFaces,
+    align_face,
+    choose_faces,
+    find_faces,
+    paste_back,
+    paste_mask,
+)
 from refface_core.model import CompositeContext
-from refface_core.pipeline import SELECT_MODES, choose_faces, face_similarity, restore_faces
-from refface_core.sampling import GUIDANCES, SOLVERS, SPACINGS
+from refface_core.pipeline import restore_faces
 
 from .references import ALIGNED_SIZE, identity_of, same_person_threshold, threshold_input
 from .runtime import Offloadable, SamplingProgress, load_on_device, to_arrays, to_image
@@ -147,10 +157,11 @@ class CropFaces(io.ComfyNode):
     ) -> io.NodeOutput:
         crops, affines, sources, boxes = [], [], [], []
         for i, photo in enumerate(to_arrays(image)):
-            faces, targets, similarity = find_faces(face_analysis, photo, identity, select, threshold, log.info)
-            boxes.append([box(faces[k], None if similarity is None else similarity[k]) for k in targets])
+            found, targets = choose(face_analysis, photo, identity, select, threshold, log.info)
+            similarity = found.similarity
+            boxes.append([box(found.faces[k], None if similarity is None else similarity[k]) for k in targets])
             for k in targets:
-                crop, affine = align_face(photo, faces[k].landmarks, size)
+                crop, affine = align_face(photo, found.faces[k].landmarks, size)
                 crops.append(crop)
                 affines.append(affine)
                 sources.append(i)
@@ -159,26 +170,21 @@ class CropFaces(io.ComfyNode):
         return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size), boxes)
 
 
-def find_faces(
+def choose(
     analysis: FaceAnalysis,
     photo: np.ndarray,
     identity: Identity | None,
     select: str,
     threshold: float,
     log: Callable[[str], None],
-) -> tuple[list[Face], list[int], np.ndarray | None]:
-    """The photo's faces, the chosen ones (none, with a log line, where no face is found or matches), and each
-    face's similarity to the person when ``identity`` is given."""
-    faces = analysis.detect(photo)
-    similarity = None
-    if identity is not None and faces:
-        similarity = face_similarity(analysis.embed(photo, faces), identity_of(identity, analysis))
+) -> tuple[PhotoFaces, list[int]]:
+    """The photo's faces and the chosen ones (none, with a log line, where no face is found or matches)."""
+    found = find_faces(analysis, photo, None if identity is None else identity_of(identity, analysis))
     try:
-        targets = choose_faces(faces, similarity, select, same_person_threshold(analysis, threshold), log)
+        return found, choose_faces(found, select, same_person_threshold(analysis, threshold), log)
     except RefFaceError as e:
         log(str(e))
-        return faces, [], similarity
-    return faces, targets, similarity
+        return found, []
 
 
 def box(face: Face, similarity: float | None) -> dict[str, float | str]:
@@ -266,18 +272,18 @@ class RestorePhoto(io.ComfyNode):
         plans = []
         for i, photo in enumerate(to_arrays(image)):
             say = report_for(i)
-            faces, targets, similarity = find_faces(face_analysis, photo, identity, select, threshold, say)
-            say(f"{len(faces)} face(s), restoring {len(targets)}")
-            plans.append((photo, faces, targets, similarity, say))
+            found, targets = choose(face_analysis, photo, identity, select, threshold, say)
+            say(f"{len(found.faces)} face(s), restoring {len(targets)}")
+            plans.append((photo, found.faces, targets, say))
         if not any(plan[2] for plan in plans):
             raise RefFaceError("no face restored:\n" + "\n".join(lines))
         (restorer,) = load_on_device(model)
         progress = SamplingProgress(restorer, sum(len(plan[2]) for plan in plans), options["steps"])
         restored = [
             restore_faces(
-                restorer, photo, faces, targets, context, similarity, say,
-                seed=seed, callback=progress, **sample_options(**options),
-            )
-            for photo, faces, targets, similarity, say in plans
+                restorer, photo, faces, targets, context, upscale=1, tone=False, seeds=(seed,), log=say,
+                callback=progress, **sample_options(**options),
+            ).images[0]
+            for photo, faces, targets, say in plans
         ]  # fmt: skip
         return io.NodeOutput(to_image(restored), "\n".join(lines))

@@ -14,8 +14,8 @@ from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
 from refface_core import RefFaceError, RefFaceRestorer
-from refface_core.images import from_model_tensor
 from refface_core.model import DTYPES
+from refface_core.model.tensors import from_model_tensor
 
 # our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {

@@ -1,20 +1,18 @@
-"""Image input/output: PIL, numpy or tensor in; model tensors in [-1, 1] out; files written atomically."""
+"""Image files: photos read upright as RGB, results written atomically."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import RefFaceError
 from .files import write_atomic
-
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what folders of photos may hold
 
@@ -34,42 +32,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise RefFaceError(f"not a readable image: {path} ({e})") from None
 
 
-def to_model_tensor(image: ImageLike, size: int) -> torch.Tensor:
-    """[1, 3, size, size] float32 in [-1, 1] from a square RGB image.
-
-    Tensors are [3, H, W] or [1, 3, H, W] in [0, 1]; arrays are H×W×3 (uint8 or float in [0, 1]).
-    """
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise RefFaceError(f"expected an H×W×3 RGB array, got shape {image.shape}")
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: PIL-backed arrays are read-only
-    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    if x.dim() == 3:
-        x = x[None]
-    if x.dim() != 4 or x.shape[:2] != (1, 3):
-        raise RefFaceError(f"expected one RGB image, got shape {tuple(image.shape)}")
-    h, w = x.shape[-2:]
-    if h != w:
-        raise RefFaceError(f"expected a square, aligned face crop, got {w}×{h}")
-    if h != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp(0, 1) * 2 - 1
-
-
-def from_model_tensor(x: torch.Tensor, like: ImageLike) -> ImageLike:
-    """Map a [1, 3, H, W] model output in [-1, 1] back to the kind of image ``like`` is."""
-    x01 = ((x[0].float() + 1) / 2).clamp(0, 1)
-    if isinstance(like, torch.Tensor):
-        return x01.to(like.device)[None] if like.dim() == 4 else x01.to(like.device)
-    array = x01.permute(1, 2, 0).cpu().numpy()
-    if isinstance(like, np.ndarray) and like.dtype != np.uint8:
-        return array
-    u8 = (array * 255).round().astype(np.uint8)
-    return u8 if isinstance(like, np.ndarray) else Image.fromarray(u8)
-
-
 def check_output_path(path: str | os.PathLike) -> str:
     """Fail early, before any work, on an output path that cannot be written; returns the PIL format."""
     path = Path(path)
@@ -82,7 +44,20 @@ def check_output_path(path: str | os.PathLike) -> str:
     return fmt
 
 
-def save_image(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write next to the target and rename, so an existing file is never left half-written."""
+def save_image(image: Image.Image, path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> None:
+    """Write next to the target and rename, so an existing file is never left half-written. ``provenance``, how the
+    image was made, goes into the file as JSON: a PNG text chunk "refface", or EXIF's ImageDescription."""
     fmt = check_output_path(path)
-    write_atomic(Path(path), lambda tmp: image.save(tmp, format=fmt))
+    options: dict[str, Any] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    if provenance is not None:
+        text = json.dumps(provenance, ensure_ascii=True)
+        if fmt == "PNG":
+            options["pnginfo"] = PngInfo()
+            options["pnginfo"].add_text("Software", provenance.get("software", "RefFace"))
+            options["pnginfo"].add_text("refface", text)
+        elif fmt in ("JPEG", "WEBP", "TIFF"):
+            exif = Image.Exif()
+            exif[0x0131] = provenance.get("software", "RefFace")  # Software
+            exif[0x010E] = text  # ImageDescription
+            options["exif"] = exif
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format=fmt, **options))

@@ -1,148 +1,79 @@
-"""Whole photos: find the faces, check the references, restore the person's faces and paste them back."""
+"""Whole photos: find the faces, choose the person's, restore them with the person's references, paste them back."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import cv2
 import numpy as np
 
 from .errors import RefFaceError
-from .faces import Face, FaceAnalysis, align_face, paste_back
-from .faces.references import ReferenceReport, rank_references, sharpness
+from .faces import Face, FaceAnalysis, align_face, choose_faces, find_faces, paste_back, scale_affine
+from .faces.tone import is_grayscale, match_tone
 from .model import CompositeContext, RefFaceRestorer
 
-if TYPE_CHECKING:
-    from .context.farl import FaRLEncoder
-
-MIN_EYE_DISTANCE = 32  # px; smaller faces carry too little to restore from
-SELECT_MODES = ("matching", "largest", "all")
-USABLE_LQ_EYE_DISTANCE = 48  # px; below this the LQ face's embedding is too unreliable to rank references by
+# The automatic --upscale: the smallest whole factor that brings every restored face to USEFUL_FACE_SIZE px between
+# the eyes. That is half the resolution of the restored 512 px crop (its template has 126 px between the eyes), so
+# about half of what was restored shows; pasted into the photo's own size, a 20 px face keeps a sixth.
+USEFUL_FACE_SIZE = 64.0
+MAX_AUTO_UPSCALE = 4
+MAX_AUTO_PIXELS = 16_000_000  # the automatic factor stays within this output size (a 4000×4000 photo)
+MAX_UPSCALE = 8.0  # for a factor the user gives
+MAX_PIXELS = 64_000_000  # for a factor the user gives: bounds memory (the paste works on the output's pixels)
 
 
 @dataclass
-class References:
-    crops: list[np.ndarray]  # aligned, best first, flagged ones left out
-    embeddings: np.ndarray  # of ``crops``
-    reports: list[ReferenceReport]  # every reference, best first
+class RestoredPhoto:
+    images: list[np.ndarray]  # the restored photo, one per seed
+    faces: list[int]  # which faces (largest first) were restored
+    upscale: float  # the output's size over the photo's
 
 
-def prepare_references(
-    analysis: FaceAnalysis,
-    photos: Sequence[np.ndarray],
-    size: int,
-    names: Sequence[str] | None = None,
-    keep: int | None = None,
-    threshold: float | None = None,
-    lq_embedding: np.ndarray | None = None,
-) -> References:
-    """Align the main (largest) face of each reference photo, rank them, and drop likely other people."""
-    if keep is not None and keep < 1:
-        raise RefFaceError(f"keeping {keep} references leaves none; keep at least 1")
-    names = names or [f"reference {i}" for i in range(len(photos))]
-    crops, embeddings, eye_distances = [], [], []
-    for photo, name in zip(photos, names, strict=True):
-        face = analysis.main_face(photo, name)
-        crops.append(align_face(photo, face.landmarks, size)[0])
-        embeddings.append(analysis.embed(photo, [face])[0])
-        eye_distances.append(face.eye_distance)
-    embeddings = np.stack(embeddings)
-    threshold = analysis.same_person_threshold if threshold is None else threshold
-    reports = rank_references(embeddings, eye_distances, [sharpness(c) for c in crops], threshold, lq_embedding)
-    used = [r.index for r in reports if not r.flagged][:keep]
-    return References([crops[i] for i in used], embeddings[used], reports)
+def auto_upscale(shape: tuple[int, ...], face_sizes: Sequence[float]) -> int:
+    """The smallest whole factor giving every face USEFUL_FACE_SIZE, within MAX_AUTO_UPSCALE and MAX_AUTO_PIXELS."""
+    wanted = math.ceil(USEFUL_FACE_SIZE / min(face_sizes) - 1e-6) if face_sizes else 1
+    affordable = math.floor(math.sqrt(MAX_AUTO_PIXELS / (shape[0] * shape[1])))
+    return max(1, min(wanted, MAX_AUTO_UPSCALE, affordable))
 
 
-def main_face_embeddings(analysis: FaceAnalysis, images: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
-    """Identity embedding of the main (largest) face of each image [len(images), dim]."""
-    return np.stack(
-        [analysis.embed(image, [analysis.main_face(image, name)])[0] for image, name in zip(images, names, strict=True)]
-    )
-
-
-def face_similarity(embeddings: np.ndarray, identity: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each face embedding [F, dim] to a person's mean identity [N, dim] or [dim]."""
-    mean = identity.reshape(-1, embeddings.shape[1]).mean(0)
-    return embeddings @ (mean / np.linalg.norm(mean).clip(1e-12))
-
-
-def choose_faces(
-    faces: Sequence[Face],
-    similarity: np.ndarray | None,
-    select: str | int,
-    threshold: float,
-    log: Callable[[str], None] = print,
-) -> list[int]:
-    """Which faces (largest first) to restore: "matching" the person (by ``similarity``), "largest", "all", or
-    one index; faces too small to restore are left out with a log line."""
-    if not faces:
-        raise RefFaceError("no face found in the photo")
-    if isinstance(select, int):
-        if not 0 <= select < len(faces):
-            raise RefFaceError(f"face {select} does not exist: the photo has {len(faces)} (0..{len(faces) - 1})")
-        targets = [select]
-    elif select == "all":
-        targets = list(range(len(faces)))
-    elif select == "largest":
-        targets = [0]
-    elif select == "matching":
-        if similarity is None:
-            raise RefFaceError("choosing the matching faces needs the person's identity")
-        targets = [i for i in range(len(faces)) if similarity[i] >= threshold]
-        if not targets:
-            raise RefFaceError(
-                f"no face in the photo matches the references (best similarity {similarity.max():.3f}, "
-                f"threshold {threshold:.3f}); restore all faces or pick one instead (CLI: --all-faces, --face N)"
-            )
-    else:
-        raise ValueError(f"select must be one of {SELECT_MODES} or a face index, got {select!r}")
-    for i in [i for i in targets if faces[i].eye_distance < MIN_EYE_DISTANCE]:
-        log(f"face {i}: skipped, too small to restore ({faces[i].eye_distance:.0f}px between the eyes)")
-    targets = [i for i in targets if faces[i].eye_distance >= MIN_EYE_DISTANCE]
-    if not targets:
-        raise RefFaceError(f"no face restored: every chosen face is under {MIN_EYE_DISTANCE}px between the eyes")
-    return targets
+def check_upscale(shape: tuple[int, ...], factor: float) -> None:
+    """A factor the user gives: at least 1, at most MAX_UPSCALE and MAX_PIXELS of output."""
+    if not (math.isfinite(factor) and 1 <= factor <= MAX_UPSCALE):
+        raise RefFaceError(f"upscale must be between 1 and {MAX_UPSCALE:g}, got {factor:g}")
+    h, w = round(shape[0] * factor), round(shape[1] * factor)
+    if h * w > MAX_PIXELS:
+        raise RefFaceError(
+            f"upscale {factor:g} would make a {w}×{h} image ({h * w / 1e6:.0f} MP, the most is {MAX_PIXELS / 1e6:.0f}"
+            " MP); use a smaller factor"
+        )
 
 
 def restore_photo(
     restorer: RefFaceRestorer,
     analysis: FaceAnalysis,
     photo: np.ndarray,
-    reference_photos: Sequence[np.ndarray],
-    reference_names: Sequence[str] | None = None,
+    identity: np.ndarray,
+    context: CompositeContext,
     select: str | int = "matching",
-    keep: int | None = None,
     threshold: float | None = None,
-    farl: FaRLEncoder | None = None,
+    upscale: float | None = None,
+    tone: bool = True,
+    seeds: Sequence[int] = (2024,),
     log: Callable[[str], None] = print,
     **sample_options: Any,
-) -> np.ndarray:
-    """Restore the faces of ``photo`` chosen by ``select`` (see ``choose_faces``) and paste them back.
-    Composite Context models also need ``farl``; the references' identity comes from ``analysis``."""
-    faces = analysis.detect(photo)
-    if not faces:
+) -> RestoredPhoto:
+    """Restore the faces of ``photo`` chosen by ``select`` (see ``choose_faces``; ``identity``: the references'
+    embeddings) with the person's ``context``, once per seed, and paste them into the photo upscaled by ``upscale``
+    (None: ``auto_upscale``). ``tone`` gives the restored faces the photo's tone (see ``match_tone``)."""
+    found = find_faces(analysis, photo, identity)
+    if not found.faces:
         raise RefFaceError("no face found in the photo (for an aligned face crop, use --aligned)")
     threshold = analysis.same_person_threshold if threshold is None else threshold
-    embeddings = analysis.embed(photo, faces)
-
-    # everything but "matching" is decided before any reference work, so a wrong choice fails at once
-    targets = None if select == "matching" else choose_faces(faces, None, select, threshold, log)
-    single = targets[0] if targets is not None and len(targets) == 1 else (0 if len(faces) == 1 else None)
-    lq_embedding = None
-    if single is not None and faces[single].eye_distance >= USABLE_LQ_EYE_DISTANCE:
-        lq_embedding = embeddings[single]
-    names = reference_names or [f"reference {i}" for i in range(len(reference_photos))]
-    refs = prepare_references(analysis, reference_photos, restorer.image_size, names, keep, threshold, lq_embedding)
-    for report in refs.reports:
-        log(f"{names[report.index]}: {report.describe()}")
-    if not refs.crops:
-        raise RefFaceError("every reference was flagged as another person; check the reference photos")
-    similarity = face_similarity(embeddings, refs.embeddings)
-    if targets is None:
-        targets = choose_faces(faces, similarity, select, threshold, log)
-    context = restorer.encode_context(refs.crops, refs.embeddings, farl)  # once for every face of the person
-    return restore_faces(restorer, photo, faces, targets, context, similarity, log, **sample_options)
+    targets = choose_faces(found, select, threshold, log)
+    return restore_faces(restorer, photo, found.faces, targets, context, upscale, tone, seeds, log, **sample_options)
 
 
 def restore_faces(
@@ -151,15 +82,43 @@ def restore_faces(
     faces: Sequence[Face],
     targets: Sequence[int],
     context: CompositeContext,
-    similarity: np.ndarray | None = None,
+    upscale: float | None = None,
+    tone: bool = True,
+    seeds: Sequence[int] = (2024,),
     log: Callable[[str], None] = print,
     **sample_options: Any,
-) -> np.ndarray:
-    """Align, restore and paste back the ``targets`` among ``faces`` of ``photo`` with one person's ``context``."""
-    restored = photo
+) -> RestoredPhoto:
+    """Restore the ``targets`` among ``faces`` of ``photo`` as ``restore_photo`` does."""
+    if upscale is None:
+        upscale = auto_upscale(photo.shape, [faces[i].size for i in targets])
+    check_upscale(photo.shape, upscale)
+    base = photo
+    if upscale != 1:
+        size = (round(photo.shape[1] * upscale), round(photo.shape[0] * upscale))
+        base = cv2.resize(photo, size, interpolation=cv2.INTER_LANCZOS4)
+        log(f"upscaling the photo {upscale:g}× to {size[0]}×{size[1]} (Lanczos)")
+    grayscale = tone and is_grayscale(photo)
+    restored = [base] * len(seeds)
     for i in targets:
-        note = "" if similarity is None else f" (similarity to the references {similarity[i]:.3f})"
-        log(f"face {i}: restoring{note}")
         crop, affine = align_face(photo, faces[i].landmarks, restorer.image_size)
-        restored = paste_back(restored, restorer.restore(crop, context, **sample_options), affine)
-    return restored
+        affine = scale_affine(affine, upscale)
+        log(f"face {i}: restoring")
+        candidates = restore_crop(restorer, crop, context, seeds, tone, grayscale, **sample_options)
+        restored = [paste_back(image, face, affine) for image, face in zip(restored, candidates, strict=True)]
+    return RestoredPhoto(restored, list(targets), upscale)
+
+
+def restore_crop(
+    restorer: RefFaceRestorer,
+    crop: np.ndarray,
+    context: CompositeContext,
+    seeds: Sequence[int] = (2024,),
+    tone: bool = True,
+    grayscale: bool | None = None,
+    **sample_options: Any,
+) -> list[np.ndarray]:
+    """An aligned face crop restored once per seed, in the crop's tone (``grayscale``: None decides from the crop)."""
+    if grayscale is None:
+        grayscale = tone and is_grayscale(crop)
+    faces = restorer.restore_candidates(crop, context, seeds, **sample_options)
+    return [match_tone(face, crop, grayscale) if tone else face for face in faces]

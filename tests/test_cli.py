@@ -1,5 +1,6 @@
 """`refface restore` and `refface bench` end to end on a tiny random model."""
 
+import io
 import json
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_restore_is_reproducible_from_the_seed(files, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("--input", "missing.png"), "image not found"),
+        (("--input", "missing.png"), "missing.png: no such file or folder"),
         (("--input", "notes.png"), "not a readable image"),
         (("--model", "."), "not a RefFace model folder"),
         (("--out", "restored.xyz"), "unknown image extension"),
@@ -62,13 +63,14 @@ def test_restore_is_reproducible_from_the_seed(files, tmp_path):
 def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, capsys):
     out = tmp_path / "restored.png"
     out.write_bytes(b"precious")
-    args = restore_args(files, out)
+    args = restore_args(files, out, "--overwrite")  # a failed run leaves even a replaceable file as it was
     flag, value = change
     paths = {"--out": tmp_path, "--input": files, "--model": files}
     args[args.index(flag) + 1] = str(paths[flag] / value) if flag in paths else value
     assert main(args) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("refface: error:") and message in err and len(err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
+    assert err[-1].startswith("refface: error:") and message in err[-1]
+    assert sum(line.startswith("refface: error:") for line in err) == 1 and "Traceback" not in "".join(err)
     assert out.read_bytes() == b"precious"  # the existing output is untouched
 
 
@@ -103,6 +105,75 @@ def test_bench_reports_stages(files, tmp_path, capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "refface_core", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "restore" in result.stdout and "convert" in result.stdout
+
+
+HEAVY = ("torch", "diffusers", "transformers", "cv2", "onnxruntime")
+
+
+def test_help_and_argument_errors_import_nothing_heavy():
+    code = f"""
+import contextlib, io, sys
+from refface_core.cli import build_parser, main
+build_parser().parse_args(["restore", "--input", "a.jpg", "--ref", "b.jpg", "--out", "c.png"])
+for argv in (["--help"], ["restore", "--help"], ["download", "--help"], ["restore", "--steps", "x"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+print([name for name in {HEAVY!r} if name in sys.modules])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_device_choice_cuda_then_mps_then_cpu(monkeypatch):
+    import torch
+
+    from refface_core import RefFaceError
+    from refface_core.model import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device() == (torch.device("mps"), torch.float32)
+    assert pick_device("mps", "fp16") == (torch.device("mps"), torch.float16)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == (torch.device("cpu"), torch.float32)
+    with pytest.raises(RefFaceError, match="MPS is not available"):
+        pick_device("mps")
+    with pytest.raises(RefFaceError, match="sees no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(RefFaceError, match="unknown device 'gpu'"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pick_device() == (torch.device("cuda"), torch.float16)  # a GPU without bf16
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_plain_lines_in_a_log_and_a_bar_on_a_terminal():
+    from refface_core.progress import Progress
+
+    log = io.StringIO()
+    progress = Progress(log, every=0)
+    progress("loading the model")
+    for step in range(1, 6):
+        progress.step(step, 5)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "loading the model" and lines[-1].startswith("sampled 5 steps, ")
+    assert [line.split(",")[0] for line in lines[1:-1]] == [f"sampling: step {i}/5" for i in (2, 3, 4)]
+
+    terminal = Terminal()
+    progress = Progress(terminal)
+    for step in range(1, 6):
+        progress.step(step, 5)
+    assert "sampling: 100%" in terminal.getvalue() and progress.bar is None
+    assert terminal.getvalue().rstrip().splitlines()[-1].startswith("sampled 5 steps, ")
 
 
 def test_bench_reports_what_the_composite_context_adds(tmp_path, capsys):

@@ -1,17 +1,23 @@
-"""`refface restore` on whole real photos with a tiny random restorer and the offline face models."""
+"""`refface restore` on real photos, degraded as old photos are, with a tiny random restorer and the bundled face
+models: only the chosen faces change, at the photo's size or upscaled, in the photo's tone."""
 
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from support import tiny_restorer
 
 from refface_core.cli import main
-from refface_core.faces import load_face_analysis, paste_mask
+from refface_core.faces import load_face_analysis, paste_mask, scale_affine
 from refface_core.faces.align import alignment_transform
 from refface_core.images import load_image
+from refface_core.training.degradations import PRESETS, degrade
 
 DATA = Path(__file__).parent / "data" / "faces"
+CROP = 32  # the tiny restorer's crop size
 
 
 @pytest.fixture(scope="module")
@@ -21,53 +27,209 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def restore(model_dir, photo, refs, out, *extra):
-    args = ["restore", "--model", str(model_dir), "--input", str(photo), "--out", str(out), "--steps", "2"]
+def photo(name):
+    return np.asarray(load_image(DATA / f"{name}.jpg"))
+
+
+def small_scan(image, eye_distance, path, quality=60):
+    """A small scan: the photo downscaled so its face has ``eye_distance`` px between the eyes, saved as JPEG."""
+    face = load_face_analysis().detect(image)[0]
+    scale = eye_distance / face.size
+    Image.fromarray(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)).save(
+        path, quality=quality
+    )
+    return path
+
+
+def side_by_side(*names, height=400):
+    tiles = [cv2.resize(photo(n), (round(photo(n).shape[1] * height / photo(n).shape[0]), height)) for n in names]
+    return np.concatenate(tiles, axis=1)
+
+
+def restore(model_dir, inputs, refs, out, *extra):
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    args = ["restore", "--model", str(model_dir), "--input", *map(str, inputs), "--out", str(out), "--steps", "2"]
     for ref in refs:
-        args += ["--ref", str(DATA / f"{ref}.jpg")]
+        args += ["--ref", str(ref if isinstance(ref, Path) else DATA / f"{ref}.jpg")]
     return main([*args, *extra])
 
 
-def test_restores_the_persons_face_and_flags_another_person(model_dir, tmp_path, capsys):
-    out = tmp_path / "restored.png"
-    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1", "obama"], out) == 0
+def face_masks(image, faces, factor):
+    """Each face's paste mask in the output (the photo upscaled by ``factor``)."""
+    shape = (round(image.shape[0] * factor), round(image.shape[1] * factor))
+    return [paste_mask(scale_affine(alignment_transform(f.landmarks, CROP), factor), CROP, shape) for f in faces]
+
+
+def assert_only_faces_changed(before, after, restored, others=(), factor=1):
+    """``after`` is ``before`` (Lanczos-upscaled by ``factor``) except inside the ``restored`` faces, which changed."""
+    expected = before
+    if factor != 1:
+        size = (round(before.shape[1] * factor), round(before.shape[0] * factor))
+        expected = cv2.resize(before, size, interpolation=cv2.INTER_LANCZOS4)
+    assert after.shape == expected.shape
+    masks = face_masks(before, restored, factor)
+    outside = sum(masks) == 0
+    assert np.array_equal(after[outside], expected[outside])
+    for mask in masks:
+        assert np.abs(after[mask > 0.99].astype(int) - expected[mask > 0.99]).mean() > 1
+    for mask in face_masks(before, others, factor):
+        assert np.array_equal(after[mask > 0], expected[mask > 0])
+
+
+def provenance(path):
+    with Image.open(path) as im:
+        return json.loads(im.info["refface"])
+
+
+@pytest.mark.parametrize(
+    "name, ref, eye_distance", [("macron_2", "macron_1", 8), ("ardern_1", "ardern_2", 12), ("macron_2", "macron_1", 22)]
+)
+def test_small_scans_restore_at_their_size_and_upscaled(model_dir, tmp_path, capsys, name, ref, eye_distance):
+    scan = small_scan(photo(name), eye_distance, tmp_path / "scan.jpg")
+    before = np.asarray(load_image(scan))
+    faces = load_face_analysis().detect(before)
+    assert len(faces) == 1 and abs(faces[0].size - eye_distance) < 2
+    assert restore(model_dir, scan, [ref], tmp_path / "same.png", "--upscale", "1") == 0
+    assert_only_faces_changed(before, np.asarray(load_image(tmp_path / "same.png")), faces)
+    assert restore(model_dir, scan, [ref], tmp_path / "big.png") == 0  # the automatic factor
+    factor = min(4, int(np.ceil(64 / faces[0].size)))
+    assert f"upscaling the photo {factor}×" in capsys.readouterr().err
+    assert_only_faces_changed(before, np.asarray(load_image(tmp_path / "big.png")), faces, factor=factor)
+    made = provenance(tmp_path / "big.png")
+    assert made["upscale"] == factor and made["references"] == [f"{ref}.jpg"] and made["faces"] == [0]
+    assert made["seed"] == 2024 and "generative model" in made["edited"]
+
+
+@pytest.mark.parametrize("name, ref, seed", [("macron_2", "macron_1", 3), ("ardern_2", "ardern_1", 5)])
+def test_blurred_jpegs_upscaled_back_restore(model_dir, tmp_path, capsys, name, ref, seed):
+    lq = degrade(photo(name), PRESETS["moderate"], seed)  # blur, downscale, noise, JPEG, resized back
+    Image.fromarray(lq).save(tmp_path / "lq.png")
+    faces = load_face_analysis().detect(lq)
+    assert len(faces) == 1
+    assert restore(model_dir, tmp_path / "lq.png", [ref], tmp_path / "out.png", "--upscale", "1") == 0
+    assert_only_faces_changed(lq, np.asarray(load_image(tmp_path / "out.png")), faces)
     err = capsys.readouterr().err
-    assert "FLAGGED: probably another person" in err and "face 0: restoring" in err
-    before, after = np.asarray(load_image(DATA / "macron_2.jpg")), np.asarray(load_image(out))
-    assert after.shape == before.shape
-    face = load_face_analysis().detect(before)[0]
-    mask = paste_mask(alignment_transform(face.landmarks, 32), 32, before.shape)
-    assert np.array_equal(after[mask == 0], before[mask == 0])  # untouched outside the face
-    assert np.abs(after[mask > 0.99].astype(int) - before[mask > 0.99]).mean() > 1  # changed inside
+    assert "face 0: restoring" in err and "similarity" in err
 
 
-def test_group_photo_restores_only_matching_faces_unless_asked(model_dir, tmp_path, capsys):
+def test_of_two_degraded_people_only_the_referenced_one_is_restored(model_dir, tmp_path, capsys):
+    group = side_by_side("macron_2", "ardern_1")
+    scan = small_scan(group, 16, tmp_path / "group.jpg")  # both faces about 16 px between the eyes
+    before = np.asarray(load_image(scan))
+    faces = load_face_analysis().detect(before)
+    assert len(faces) == 2
+    macron = [f for f in faces if f.bbox[2] < before.shape[1] / 2]
+    ardern = [f for f in faces if f.bbox[0] > before.shape[1] / 2]
+    assert restore(model_dir, scan, ["macron_1"], tmp_path / "out.png", "--upscale", "1") == 0
+    assert_only_faces_changed(before, np.asarray(load_image(tmp_path / "out.png")), macron, others=ardern)
+    err = capsys.readouterr().err
+    assert err.count("px between the eyes, similarity") == 2 and err.count(": restoring") == 1
+
+
+def test_group_photo_without_the_person_is_refused_with_the_choice_to_make(model_dir, tmp_path, capsys):
     import insightface
 
     group = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
     out = tmp_path / "group.png"
     assert restore(model_dir, group, ["obama"], out) == 1
-    assert "no face in the photo matches the references" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "no face clearly matches the references" in err and "--face N" in err and not out.exists()
+    assert err.count("px between the eyes, similarity") == 6  # every face's figure
 
     assert restore(model_dir, group, ["obama"], out, "--all-faces") == 0
     err = capsys.readouterr().err
-    assert err.count(": restoring") == 5
-    assert "face 1: skipped, too small to restore (26px between the eyes)" in err
-    assert load_image(out).size == load_image(group).size
+    assert err.count(": restoring") == 6  # the turned head (26 px between the eyes, a large face) too
+    assert "warning" not in err  # all faces were asked for
+    width, height = load_image(group).size
+    assert load_image(out).size == (2 * width, 2 * height)  # faces of about 43 px: 2× brings them to 64
 
-    assert restore(model_dir, group, ["obama"], out, "--face", "9") == 1
+    assert restore(model_dir, group, ["obama"], tmp_path / "nine.png", "--face", "9") == 1
     assert "face 9 does not exist: the photo has 6 (0..5)" in capsys.readouterr().err
 
 
-def test_reference_without_a_face(model_dir, tmp_path, capsys):
-    from PIL import Image
+def test_wrong_person_warnings(model_dir, tmp_path, capsys):
+    # one reference of someone else, and a clear input face: restored, with a warning
+    assert restore(model_dir, DATA / "macron_2.jpg", ["obama"], tmp_path / "a.png") == 0
+    assert "warning: face 0 may not be the person in the references" in capsys.readouterr().err
+    # two references that disagree
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1", "obama"], tmp_path / "b.png") == 0
+    err = capsys.readouterr().err
+    assert "warning: the references may show different people" in err and "warning: face 0" not in err
+    # the right person: no warning
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], tmp_path / "c.png") == 0
+    assert "warning" not in capsys.readouterr().err
 
-    blank = tmp_path / "blank.jpg"
-    Image.new("RGB", (100, 100), (90, 90, 90)).save(blank)
-    args = ["restore", "--model", str(model_dir), "--input", str(DATA / "obama.jpg"), "--ref", str(blank),
-            "--out", str(tmp_path / "o.png")]  # fmt: skip
-    assert main(args) == 1
-    assert f"no face found in {blank}" in capsys.readouterr().err
+
+def test_references_without_a_usable_face_are_skipped(model_dir, tmp_path, capsys):
+    Image.new("RGB", (100, 100), (90, 90, 90)).save(tmp_path / "blank.jpg")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    refs = [tmp_path / "blank.jpg", tmp_path / "broken.jpg", "macron_1"]
+    assert restore(model_dir, DATA / "macron_2.jpg", refs, tmp_path / "out.png") == 0
+    err = capsys.readouterr().err
+    assert "blank.jpg: skipped: no face found" in err and "broken.jpg: skipped: not a readable image" in err
+    assert restore(model_dir, DATA / "macron_2.jpg", refs[:2], tmp_path / "none.png") == 1
+    assert "no usable reference" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
+
+
+def test_black_and_white_and_sepia_photos_keep_their_tone(model_dir, tmp_path):
+    gray = np.repeat(cv2.cvtColor(photo("macron_2"), cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    sepia = np.clip(photo("macron_2") @ np.array([[0.39, 0.35, 0.27], [0.77, 0.69, 0.53], [0.19, 0.17, 0.13]]), 0, 255)
+    face = load_face_analysis().detect(gray)[0]
+    inside = face_masks(gray, [face], 1)[0] > 0.99
+    for name, image in (("gray", gray), ("sepia", sepia.astype(np.uint8))):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        for extra in ([], ["--colorize"]):
+            out = tmp_path / f"{name}_{'colour' if extra else 'toned'}.png"
+            assert restore(model_dir, tmp_path / f"{name}.png", ["macron_1"], out, "--upscale", "1", *extra) == 0
+        toned, coloured = (np.asarray(load_image(tmp_path / f"{name}_{s}.png")) for s in ("toned", "colour"))
+        lab = [cv2.cvtColor(x, cv2.COLOR_RGB2LAB)[inside][:, 1:].astype(float) for x in (image, toned, coloured)]
+        chroma_error = [np.abs(x.mean(0) - lab[0].mean(0)).max() for x in lab[1:]]
+        assert chroma_error[0] < 2 and chroma_error[1] > 2 * chroma_error[0] + 2, (name, chroma_error)
+        if name == "gray":
+            assert (toned.max(2) == toned.min(2)).all()  # still black and white, everywhere
+
+
+def test_candidates_share_the_reference_work_and_record_their_seeds(model_dir, tmp_path, capsys):
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], tmp_path / "out.png", "--candidates", "2") == 0
+    a, b = tmp_path / "out_seed2024.png", tmp_path / "out_seed2025.png"
+    assert provenance(a)["seed"] == 2024 and provenance(b)["seed"] == 2025
+    assert not np.array_equal(np.asarray(load_image(a)), np.asarray(load_image(b)))
+    assert capsys.readouterr().err.count("sampled 2 steps") == 1  # one batch for both
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], tmp_path / "alone.png", "--seed", "2025") == 0
+    alone = np.asarray(load_image(tmp_path / "alone.png")).astype(int)
+    assert np.abs(alone - np.asarray(load_image(b))).max() <= 2  # a candidate is its seed's restore
+
+
+def test_a_folder_of_photos(model_dir, tmp_path, capsys):
+    photos = tmp_path / "album"
+    photos.mkdir()
+    small_scan(photo("macron_2"), 20, photos / "macron_2.jpg")
+    Image.fromarray(photo("macron_2")).save(photos / "portrait.png")
+    Image.new("RGB", (80, 80), (120, 110, 100)).save(photos / "no_face.png")
+    out = tmp_path / "restored"
+    out.mkdir()
+    (out / "macron_2.png").write_bytes(b"an earlier result")
+    assert restore(model_dir, photos, ["macron_1"], out) == 1  # one photo failed
+    captured = capsys.readouterr()
+    assert "preparing 1 reference(s)" in captured.err and captured.err.count("loading the model") == 1
+    assert "no_face.png: not restored: no face found" in captured.err
+    assert "restored 2 of 3 photos" in captured.err
+    assert (out / "macron_2.png").read_bytes() == b"an earlier result"  # never overwritten
+    assert sorted(p.name for p in out.iterdir()) == ["macron_2-2.png", "macron_2.png", "portrait.png"]
+    assert f"wrote {out / 'macron_2-2.png'}" in captured.out
+
+
+def test_existing_output_and_the_input_itself_are_never_replaced(model_dir, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"precious")
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], out) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], out, "--overwrite") == 0
+    assert load_image(out).size == load_image(DATA / "macron_2.jpg").size
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(out.read_bytes())
+    assert restore(model_dir, copy, ["macron_1"], copy, "--overwrite") == 1
+    assert "is the input photo" in capsys.readouterr().err
 
 
 def test_composite_context_model_restores_a_photo(tmp_path, capsys):

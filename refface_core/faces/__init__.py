@@ -1,18 +1,28 @@
-"""Faces: detection with 5 landmarks, FFHQ alignment and paste-back, identity embeddings, reference checks."""
+"""Faces: detection with 5 landmarks, FFHQ alignment and paste-back, identity, reference checks, the photo's tone."""
 
-from .align import FFHQ_TEMPLATE_512, align_face, alignment_transform, paste_back, paste_mask
-from .analysis import Face, FaceAnalysis, InsightFacePack, OpenCVZoo, load_face_analysis, opencv_zoo_models
+from .align import FFHQ_TEMPLATE_512, align_face, alignment_transform, paste_back, paste_mask, scale_affine
+from .analysis import BUNDLED_MODELS, Face, FaceAnalysis, InsightFacePack, OpenCVZoo, load_face_analysis
+from .matching import SELECT_MODES, PhotoFaces, choose_faces, face_similarity, find_faces
+from .references import References, prepare_references
 
 __all__ = [
+    "BUNDLED_MODELS",
     "FFHQ_TEMPLATE_512",
+    "SELECT_MODES",
     "Face",
     "FaceAnalysis",
     "InsightFacePack",
     "OpenCVZoo",
+    "PhotoFaces",
+    "References",
     "align_face",
     "alignment_transform",
+    "choose_faces",
+    "face_similarity",
+    "find_faces",
     "load_face_analysis",
-    "opencv_zoo_models",
     "paste_back",
     "paste_mask",
+    "prepare_references",
+    "scale_affine",
 ]

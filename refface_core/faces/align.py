@@ -43,16 +43,39 @@ def paste_mask(affine: np.ndarray, crop_size: int, photo_shape: tuple[int, ...])
     return cv2.GaussianBlur(mask, (0, 0), sigmaX=feather / 2 + 1e-3)
 
 
+def scale_affine(affine: np.ndarray, factor: float) -> np.ndarray:
+    """The photo->crop ``affine`` for the photo resized by ``factor`` (pixel centres: x = (x' + 0.5) / f - 0.5)."""
+    scaled = affine.copy()
+    scaled[:, :2] = affine[:, :2] / factor
+    scaled[:, 2] = affine[:, 2] + affine[:, :2].sum(1) * (0.5 / factor - 0.5)
+    return scaled
+
+
 def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, crop_size: int | None = None) -> np.ndarray:
     """Blend ``crop`` (aligned with ``affine``) back into a copy of ``photo``; call once per face. ``crop_size``:
-    the size ``affine`` was made for, when the crop has been resized since."""
+    the size ``affine`` was made for, when the crop has been resized since. Only the crop's footprint is touched."""
     if crop_size is not None:
         scale = crop.shape[0] / crop_size
         affine = affine * scale
         affine[:, 2] += (scale - 1) / 2  # pixel centres: (u + 0.5) · scale − 0.5
     h, w = photo.shape[:2]
     inverse = cv2.invertAffineTransform(affine)
-    warped = cv2.warpAffine(crop, inverse, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
-    mask = paste_mask(affine, crop.shape[0], photo.shape)[..., None]
-    blended = mask * warped.astype(np.float32) + (1 - mask) * photo.astype(np.float32)
-    return np.clip(blended.round(), 0, 255).astype(photo.dtype)
+    n = crop.shape[0]
+    corners = np.array([[0, 0], [n, 0], [0, n], [n, n]], np.float64) @ inverse[:, :2].T + inverse[:, 2]
+    margin = int(np.ceil(n / np.sqrt(abs(np.linalg.det(affine[:, :2]))) / 10)) + 3  # the feather's reach and more
+    x0, y0 = np.clip(np.floor(corners.min(0)).astype(int) - margin, 0, [w, h])
+    x1, y1 = np.clip(np.ceil(corners.max(0)).astype(int) + margin, 0, [w, h])
+    out = photo.copy()
+    if x1 <= x0 or y1 <= y0:
+        return out
+    roi_affine = affine.copy()
+    roi_affine[:, 2] += affine[:, :2] @ np.array([x0, y0], np.float64)  # photo ROI pixel (u, v) is (u + x0, v + y0)
+    roi = photo[y0:y1, x0:x1]
+    warped = cv2.warpAffine(
+        crop, cv2.invertAffineTransform(roi_affine), (x1 - x0, y1 - y0), flags=cv2.INTER_CUBIC,
+        borderMode=cv2.BORDER_REPLICATE,
+    )  # fmt: skip
+    mask = paste_mask(roi_affine, n, roi.shape)[..., None]
+    blended = mask * warped.astype(np.float32) + (1 - mask) * roi.astype(np.float32)
+    out[y0:y1, x0:x1] = np.clip(blended.round(), 0, 255).astype(photo.dtype)
+    return out

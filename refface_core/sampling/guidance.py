@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import cycle, islice
 
-GUIDANCES = ("refldm", "multi_reference")
+from ..choices import GUIDANCES
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..choices import SPACINGS
+
 TRAIN_STEPS = 1000
-SPACINGS = ("uniform", "uniform_trailing")
 
 
 def refldm_betas(linear_start: float = 0.0015, linear_end: float = 0.0155) -> torch.Tensor:

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from ..choices import SOLVERS
 from .schedule import TRAIN_STEPS, ddim_timesteps, refldm_alphas_cumprod, refldm_betas
-
-SOLVERS = ("ddim", "dpmpp_2m")
 
 
 class Solver(Protocol):

@@ -1,0 +1,34 @@
+"""The `refface` command line (also `python -m refface_core`): a thin dispatcher. Each command's arguments and run
+function sit in a module of their own here, which imports what the command drives only when it runs, so that
+`refface --help` and argument errors answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import RefFaceError
+from . import bench, comfy_queue, convert, degrade, download, faces, restore, train
+
+COMMANDS = (restore, download, convert, faces, degrade, train, bench, comfy_queue)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refface", description="Reference-guided face restoration.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_to(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (RefFaceError, ValueError, OSError) as e:  # ValueError: out-of-range options; OSError: files
+        print(f"refface: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("refface: interrupted", file=sys.stderr)
+        return 130
