@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.faces import FaceAnalysis, face_similarity, prepare_references
+from refface_core.faces import FaceAnalysis, find_faces, prepare_references
 from refface_core.images import IMAGE_SUFFIXES, load_image
 
 from .runtime import to_arrays, to_image
@@ -176,9 +176,8 @@ class IdentitySimilarity(io.ComfyNode):
         threshold = same_person_threshold(face_analysis, threshold)
         lines, best = [], []
         for i, photo in enumerate(to_arrays(image)):
-            faces = face_analysis.detect(photo)
-            similarity = face_similarity(face_analysis.embed(photo, faces), person) if faces else np.zeros(0)
-            best.append(float(similarity.max()) if faces else 0.0)
+            similarity = find_faces(face_analysis, photo, person).similarity
+            best.append(float(similarity.max()) if len(similarity) else 0.0)
             verdicts = [
                 f"face {k}: {s:.3f} ({'same' if s >= threshold else 'other'})" for k, s in enumerate(similarity)
             ]

@@ -24,8 +24,8 @@ MODEL_FOLDERS = {
 }
 INSIGHTFACE = "insightface"  # packs in models/insightface/models/<name>/, shared with InstantID and IPAdapter
 HOW_TO_GET = {
-    "refface": "make one from ReF-LDM's refldm.ckpt and vqgan.ckpt, in the pack's folder: `python -m refface_core "
-    "convert --refldm-unet refldm.ckpt --refldm-vq vqgan.ckpt --out <ComfyUI>/models/refface/refldm`",
+    "refface": "fetch ReF-LDM's weights into it, in the pack's folder: `python -m refface_core download --dir "
+    "<ComfyUI>/models/refface` (or convert ones you have with `python -m refface_core convert`)",
     "farl": "download FaRL-Base-Patch16-LAIONFace20M-ep64.pth into it",
     "insightface": "put an insightface pack such as antelopev2 or buffalo_l in models/insightface/models/<name>/",
 }

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import RefFaceError
@@ -25,7 +23,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # a damaged file fails anywhere in the unpickler (IndexError, KeyError, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefFaceError(
             f"cannot load {path} as a checkpoint ({first_line}). "

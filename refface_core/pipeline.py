@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -13,7 +13,9 @@ import numpy as np
 from .errors import RefFaceError
 from .faces import Face, FaceAnalysis, align_face, choose_faces, find_faces, paste_back, scale_affine
 from .faces.tone import is_grayscale, match_tone
-from .model import CompositeContext, RefFaceRestorer
+
+if TYPE_CHECKING:
+    from .model import CompositeContext, RefFaceRestorer
 
 # The automatic --upscale: the smallest whole factor that brings every restored face to USEFUL_FACE_SIZE px between
 # the eyes. That is half the resolution of the restored 512 px crop (its template has 126 px between the eyes), so
@@ -40,14 +42,14 @@ def auto_upscale(shape: tuple[int, ...], face_sizes: Sequence[float]) -> int:
 
 
 def check_upscale(shape: tuple[int, ...], factor: float) -> None:
-    """A factor the user gives: at least 1, at most MAX_UPSCALE and MAX_PIXELS of output."""
+    """A factor the user gives: at least 1 (1 keeps any photo), at most MAX_UPSCALE and MAX_PIXELS of output."""
     if not (math.isfinite(factor) and 1 <= factor <= MAX_UPSCALE):
         raise RefFaceError(f"upscale must be between 1 and {MAX_UPSCALE:g}, got {factor:g}")
     h, w = round(shape[0] * factor), round(shape[1] * factor)
-    if h * w > MAX_PIXELS:
+    if factor > 1 and h * w > MAX_PIXELS:
         raise RefFaceError(
             f"upscale {factor:g} would make a {w}×{h} image ({h * w / 1e6:.0f} MP, the most is {MAX_PIXELS / 1e6:.0f}"
-            " MP); use a smaller factor"
+            " MP); use a smaller factor, or 1"
         )
 
 
@@ -97,13 +99,14 @@ def restore_faces(
         size = (round(photo.shape[1] * upscale), round(photo.shape[0] * upscale))
         base = cv2.resize(photo, size, interpolation=cv2.INTER_LANCZOS4)
         log(f"upscaling the photo {upscale:g}× to {size[0]}×{size[1]} (Lanczos)")
-    grayscale = tone and is_grayscale(photo)
+    factors = (base.shape[1] / photo.shape[1], base.shape[0] / photo.shape[0])  # as rounded to whole pixels
+    grayscale = None if tone and is_grayscale(photo) else False  # a grey photo: each face's crop confirms it
     restored = [base] * len(seeds)
     for i in targets:
         crop, affine = align_face(photo, faces[i].landmarks, restorer.image_size)
-        affine = scale_affine(affine, upscale)
         log(f"face {i}: restoring")
         candidates = restore_crop(restorer, crop, context, seeds, tone, grayscale, **sample_options)
+        affine = scale_affine(affine, *factors)
         restored = [paste_back(image, face, affine) for image, face in zip(restored, candidates, strict=True)]
     return RestoredPhoto(restored, list(targets), upscale)
 

@@ -47,7 +47,7 @@ class Progress:
 
     def download(self, name: str) -> Callable[[int, int | None], None]:
         """A (bytes so far, total or None) callback for downloading ``name``."""
-        self.started = self.last_line = time.monotonic()
+        self.last_line = time.monotonic()
 
         def update(done: int, total: int | None) -> None:
             if self.tty:

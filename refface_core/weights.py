@@ -42,23 +42,29 @@ def download_base() -> str:
 
 def download(url: str, target: Path, progress: ByteProgress | None = None) -> None:
     """Fetch ``url`` into ``target`` through ``target.part``, which an interrupted run leaves behind to be resumed:
-    a 206 answer with Content-Range appends to it, a 200 starts it again. Redirects are followed, and the result
-    must have the length the server announced."""
+    a 206 answer with Content-Range appends to it, a 200 starts it again, and a part file the server cannot resume
+    (416, e.g. longer than the file) is started again. Redirects are followed, and the result must have the length
+    the server announced."""
     import requests
 
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     try:
         with requests.get(url, headers=headers, stream=True, timeout=(15, 60)) as response:
-            total = _total_length(response, have)
-            if response.status_code == 416 and have and total == have:  # the part file is already complete
-                os.replace(part, target)
-                return
+            if response.status_code == 416 and have:
+                if _content_range_total(response) == have:  # the part file is already complete
+                    os.replace(part, target)
+                    return
+                part.unlink()
+                return download(url, target, progress)
             if response.status_code not in (200, 206):
                 raise RefFaceError(f"download of {url} failed: HTTP {response.status_code} {response.reason}")
-            if response.status_code == 200:
-                have = 0
+            if response.status_code == 206:
+                total = _content_range_total(response, start=have)
+            else:
+                have, length = 0, response.headers.get("Content-Length", "")
+                total = int(length) if length.isdigit() else None
             with open(part, "ab" if have else "wb") as file:
                 for chunk in response.iter_content(CHUNK):
                     file.write(chunk)
@@ -74,19 +80,17 @@ def download(url: str, target: Path, progress: ByteProgress | None = None) -> No
     os.replace(part, target)
 
 
-def _total_length(response: requests.Response, have: int) -> int | None:
-    """The whole file's length: from Content-Range on a 206 or 416, else Content-Length (None if not given)."""
-    headers, status = response.headers, response.status_code
-    if status in (206, 416):
-        unit, _, spec = headers.get("Content-Range", "").partition(" ")
-        span, _, size = spec.partition("/")
-        if unit != "bytes" or not size.isdigit():
-            raise RefFaceError(f"the server sent a bad Content-Range {headers.get('Content-Range')!r}")
-        if status == 206 and int(span.partition("-")[0]) != have:
-            raise RefFaceError(f"the server resumed at the wrong place ({span}, expected {have})")
-        return int(size)
-    length = headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
+def _content_range_total(response: requests.Response, start: int | None = None) -> int | None:
+    """The whole file's length from "Content-Range: bytes a-b/total" (None if absent); a 206 must start at ``start``."""
+    unit, _, spec = response.headers.get("Content-Range", "").partition(" ")
+    span, _, size = spec.partition("/")
+    if unit != "bytes" or not size.isdigit():
+        if start is None:
+            return None
+        raise RefFaceError(f"the server sent a bad Content-Range {response.headers.get('Content-Range')!r}")
+    if start is not None and span.partition("-")[0] != str(start):
+        raise RefFaceError(f"the server resumed at the wrong place ({span}, expected {start}-)")
+    return int(size)
 
 
 def download_model(
@@ -106,28 +110,43 @@ def download_model(
         raise RefFaceError(f"{model_dir} exists but is not a RefFace model; move it away and run this again")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{MODEL_NAME}.partial-*"):  # left by a conversion that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _running(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     log(LICENCE)
     base = download_base()
+    fetched = []
     for name in CHECKPOINTS:
         if (folder / name).is_file():
             continue
         log(f"downloading {base}/{name} into {folder}")
         download(f"{base}/{name}", folder / name, progress_for(name) if progress_for else None)
+        fetched.append(name)
     log(f"converting the checkpoints into {model_dir}")
-    _convert_atomically(folder, model_dir)
+    _convert_atomically(folder, model_dir, fetched)
     return model_dir
 
 
-def _convert_atomically(folder: Path, model_dir: Path) -> None:
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> None:
     from .model import convert_refldm, load_checkpoint
 
     states = []
     for name in CHECKPOINTS:
         try:
             states.append(load_checkpoint(folder / name))
-        except RefFaceError as e:  # damaged: removed, so that the next run fetches it again
-            (folder / name).unlink()
+        except RefFaceError as e:
+            if name not in fetched:
+                raise RefFaceError(f"{e} Delete it and run `refface download` again to fetch it.") from None
+            (folder / name).unlink()  # damaged in transit: removed, so that the next run fetches it again
             raise RefFaceError(f"{e} It was removed: run `refface download` again to fetch it again.") from None
     try:
         model = convert_refldm(*states)

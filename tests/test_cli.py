@@ -148,7 +148,10 @@ def test_device_choice_cuda_then_mps_then_cpu(monkeypatch):
         pick_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert pick_device() == (torch.device("cuda"), torch.float16)  # a GPU without bf16
+    with pytest.raises(RefFaceError, match="there is no cuda:5: this machine has 1 CUDA GPU"):
+        pick_device("cuda:5")
 
 
 class Terminal(io.StringIO):

@@ -39,3 +39,18 @@ def test_errors_and_atomic_save(tmp_path):
     assert load_image(target).size == (4, 4) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(RefFaceError, match="output folder does not exist"):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "no" / "out.png")
+
+
+def test_written_files_get_the_umask_permissions_or_keep_their_own(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "new.png")
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+        (tmp_path / "shared.png").write_bytes(b"x")
+        os.chmod(tmp_path / "shared.png", 0o664)
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "shared.png")
+        assert (tmp_path / "shared.png").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)

@@ -57,7 +57,9 @@ def restore(model_dir, inputs, refs, out, *extra):
 def face_masks(image, faces, factor):
     """Each face's paste mask in the output (the photo upscaled by ``factor``)."""
     shape = (round(image.shape[0] * factor), round(image.shape[1] * factor))
-    return [paste_mask(scale_affine(alignment_transform(f.landmarks, CROP), factor), CROP, shape) for f in faces]
+    return [
+        paste_mask(scale_affine(alignment_transform(f.landmarks, CROP), factor, factor), CROP, shape) for f in faces
+    ]
 
 
 def assert_only_faces_changed(before, after, restored, others=(), factor=1):
@@ -206,6 +208,7 @@ def test_a_folder_of_photos(model_dir, tmp_path, capsys):
     small_scan(photo("macron_2"), 20, photos / "macron_2.jpg")
     Image.fromarray(photo("macron_2")).save(photos / "portrait.png")
     Image.new("RGB", (80, 80), (120, 110, 100)).save(photos / "no_face.png")
+    Image.fromarray(photo("obama")).save(photos / "someone_else.png")
     out = tmp_path / "restored"
     out.mkdir()
     (out / "macron_2.png").write_bytes(b"an earlier result")
@@ -213,10 +216,38 @@ def test_a_folder_of_photos(model_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "preparing 1 reference(s)" in captured.err and captured.err.count("loading the model") == 1
     assert "no_face.png: not restored: no face found" in captured.err
-    assert "restored 2 of 3 photos" in captured.err
+    assert "restored 3 of 4 photos" in captured.err
+    assert f"restored with an identity warning (see above): {photos / 'someone_else.png'}" in captured.err
     assert (out / "macron_2.png").read_bytes() == b"an earlier result"  # never overwritten
-    assert sorted(p.name for p in out.iterdir()) == ["macron_2-2.png", "macron_2.png", "portrait.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "macron_2-2.png",
+        "macron_2.png",
+        "portrait.png",
+        "someone_else.png",
+    ]
     assert f"wrote {out / 'macron_2-2.png'}" in captured.out
+    # one photo and an --out without an extension: a folder too
+    assert restore(model_dir, DATA / "sunak.jpg", ["sunak"], tmp_path / "single", "--upscale", "1") == 0
+    assert [p.name for p in (tmp_path / "single").iterdir()] == ["sunak.png"]
+
+
+def test_options_that_cannot_work_fail_before_any_work(model_dir, tmp_path, capsys):
+    from refface_core.pipeline import check_upscale
+
+    check_upscale((9000, 8000), 1)  # a 72 MP scan restores at its own size
+    with pytest.raises(Exception, match="the most is 64 MP"):
+        check_upscale((9000, 8000), 2)
+    cases = [
+        ([DATA / "macron_2.jpg", DATA / "sunak.jpg"], "result.png", [], "looks like an image file"),
+        ([DATA / "macron_2.jpg"], "out.png", ["--aligned", "--upscale", "2"], "--aligned restores the crops as they"),
+        ([DATA / "macron_2.jpg"], "out.png", ["--upscale", "0.5"], "upscale must be between 1 and 8"),
+        ([DATA / "macron_2.jpg"], "out.png", ["--candidates", "0"], "--candidates must be between 1 and 16"),
+    ]
+    for inputs, out, extra, message in cases:
+        assert restore(model_dir, inputs, ["macron_1"], tmp_path / out, *extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and "loading the model" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
 
 
 def test_existing_output_and_the_input_itself_are_never_replaced(model_dir, tmp_path, capsys):

@@ -50,6 +50,12 @@ def handler_for(release: Release) -> type:
             wanted = self.headers.get("Range")
             if wanted and release.honour_range:
                 start = int(wanted.removeprefix("bytes=").rstrip("-"))
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             else:
@@ -104,6 +110,18 @@ def test_an_interrupted_download_resumes(server, tmp_path, honour_range):
     download(f"{server.url}/vqgan.ckpt", target)
     assert server.requests[-1] == ("/vqgan.ckpt", f"bytes={kept}-")  # asked to resume
     assert target.read_bytes() == PAYLOAD  # appended after a 206, or started again after a 200
+
+
+def test_a_part_file_the_server_cannot_resume(server, tmp_path):
+    server.files["vqgan.ckpt"] = PAYLOAD
+    part = tmp_path / "vqgan.ckpt.part"
+    part.write_bytes(PAYLOAD)  # complete already: 416, nothing to fetch
+    download(f"{server.url}/vqgan.ckpt", tmp_path / "vqgan.ckpt")
+    assert (tmp_path / "vqgan.ckpt").read_bytes() == PAYLOAD and not part.exists()
+    (tmp_path / "again.ckpt.part").write_bytes(PAYLOAD + b"more than the file")  # 416, then fetched again whole
+    download(f"{server.url}/vqgan.ckpt", tmp_path / "again.ckpt")
+    assert (tmp_path / "again.ckpt").read_bytes() == PAYLOAD
+    assert server.requests[-2:] == [("/vqgan.ckpt", f"bytes={len(PAYLOAD) + 18}-"), ("/vqgan.ckpt", None)]
 
 
 def test_server_errors_are_one_clear_line(server, tmp_path):
@@ -165,6 +183,16 @@ def test_a_damaged_checkpoint_leaves_no_model_behind(server, stand_ins, tmp_path
     assert [path for path, _ in server.requests].count("/vqgan.ckpt") == 1  # a complete file is not fetched again
     assert main(["download", "--dir", str(tmp_path)]) == 0
     assert "is already there" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_of_the_users_is_not_deleted(server, stand_ins, tmp_path, monkeypatch, capsys):
+    server.files |= stand_ins
+    monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", server.url)
+    (tmp_path / "vqgan.ckpt").write_bytes(b"the user's own, damaged")
+    assert main(["download", "--dir", str(tmp_path)]) == 1
+    assert "Delete it and run `refface download` again" in capsys.readouterr().err
+    assert (tmp_path / "vqgan.ckpt").read_bytes() == b"the user's own, damaged"
+    assert not (tmp_path / "refldm").exists()
 
 
 def test_a_checkpoint_file_as_model_says_how_to_convert_it(tmp_path, capsys):

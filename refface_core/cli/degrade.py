@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..training.degradations import degrade_folder
 
-    with tqdm(unit="image", file=sys.stderr) as bar:
+    with tqdm(unit="image", file=sys.stderr, disable=None) as bar:  # no bar when not a terminal
 
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -40,7 +40,7 @@ def run_faces(args: argparse.Namespace) -> int:
         for i, face in enumerate(faces):
             x1, y1, x2, y2 = face.bbox
             print(f"  {i}: box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}), eyes {face.eye_distance:.0f}px apart "
-                  f"(size {face.size:.0f}), score {face.score:.2f}")  # fmt: skip
+                  f"(size {face.size:.0f}px, from all landmarks), score {face.score:.2f}")  # fmt: skip
     if args.align:
         args.align.mkdir(parents=True, exist_ok=True)
         for i, face in enumerate(faces):

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..progress import Progress
 
 MAX_CANDIDATES = 16
+MAX_NAMES = 20  # reference names a result records (EXIF holds 64 KB)
 
 
 def add_to(commands: argparse._SubParsersAction) -> None:
@@ -69,18 +70,23 @@ def run(args: argparse.Namespace) -> int:
     from ..images import load_image, save_image
     from ..pipeline import check_upscale, restore_crop, restore_photo
     from ..progress import Progress
-    from ..sampling import make_branches, make_solver
 
-    make_solver(args.solver, args.steps, args.spacing)  # bad sampling options fail now, not after the model loads
-    make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
     if not 1 <= args.candidates <= MAX_CANDIDATES:
         raise RefFaceError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {args.candidates}")
     if args.upscale is not None:
         check_upscale((1, 1), args.upscale)
-    photos, batch = image_files(args.input, "--input")
+    if args.aligned and (args.upscale is not None or args.face is not None or args.all_faces or args.keep_refs):
+        raise RefFaceError("--aligned restores the crops as they are: --upscale, --face, --all-faces and --keep-refs "
+                           "apply to whole photos")  # fmt: skip
+    photos, folder = image_files(args.input, "--input")
     refs, _ = image_files(args.ref, "--ref")
+    batch = folder or len(photos) > 1 or args.out.is_dir() or not args.out.suffix  # results go into a folder
     seeds = [args.seed + i for i in range(args.candidates)]
     outputs = plan_outputs(photos, args.out, batch, seeds, args.overwrite)
+    from ..sampling import make_branches, make_solver  # torch: after the quick checks
+
+    make_solver(args.solver, args.steps, args.spacing)  # bad sampling options fail now, not after the model loads
+    make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
 
     progress = Progress()
     model, model_name = load_model(args, progress)
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         crops = [np.asarray(load_image(path)) for path in refs]
         identity = None if farl is None else analysis.main_embeddings(crops, [str(p) for p in refs])
         context = model.encode_context(crops, identity, farl)
+        used = refs
     else:
         from ..faces import prepare_references
 
@@ -112,24 +119,28 @@ def run(args: argparse.Namespace) -> int:
             progress(line)
         identity = references.embeddings
         context = model.encode_context(references.crops, identity, farl)
+        used = [Path(name) for name in references.names]
 
     options = dict(callback=progress.step, context_scale=args.context_scale, **sampling_options(args))
     select = args.face if args.face is not None else ("all" if args.all_faces else "matching")
-    failed = []
+    failed, warned = [], []
     for k, (photo_path, paths) in enumerate(zip(photos, outputs, strict=True), start=1):
         progress(f"photo {k}/{len(photos)}: {photo_path}" if batch else f"photo: {photo_path}")
+
+        def log(line: str, photo_path: Path = photo_path) -> None:
+            if line.startswith("warning:") and photo_path not in warned:
+                warned.append(photo_path)
+            progress(line)
+
         try:
             photo = np.asarray(load_image(photo_path))
             if args.aligned:
-                images, faces, upscale = (
-                    restore_crop(model, photo, context, seeds, not args.colorize, **options),
-                    [0],
-                    1,
-                )
+                images = restore_crop(model, photo, context, seeds, not args.colorize, **options)
+                faces, upscale = [0], 1.0
             else:
                 result = restore_photo(
                     model, analysis, photo, identity, context, select, args.ref_threshold, args.upscale,
-                    not args.colorize, seeds, progress, **options,
+                    not args.colorize, seeds, log, **options,
                 )  # fmt: skip
                 images, faces, upscale = result.images, result.faces, result.upscale
         except RefFaceError as e:
@@ -139,13 +150,16 @@ def run(args: argparse.Namespace) -> int:
             progress(f"{photo_path}: not restored: {e}")
             continue
         for image, path, seed in zip(images, paths, seeds, strict=True):
-            made = provenance(args, model_name, photo_path, refs, faces, upscale, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made = provenance(args, model_name, photo_path, used, faces, upscale, seed)
             save_image(Image.fromarray(image), path, made)
             print(f"wrote {path}")
     if batch:
         progress(f"restored {len(photos) - len(failed)} of {len(photos)} photos into {args.out}")
         for line in failed:
             progress(f"  not restored: {line}")
+        for photo_path in warned:
+            progress(f"  restored with an identity warning (see above): {photo_path}")
     return 1 if failed else 0
 
 
@@ -169,12 +183,12 @@ def image_files(paths: list[Path], option: str) -> tuple[list[Path], bool]:
 
 
 def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], overwrite: bool) -> list[list[Path]]:
-    """Every file to write, per photo and seed, checked before any work. One photo goes to ``out``; several go into
-    the folder ``out`` as <name>.png, under a new name where one is taken: nothing is overwritten."""
-    from ..images import check_output_path
+    """Every file to write, per photo and seed, checked before any work. One photo goes to the file ``out``; in a
+    ``batch`` the photos go into the folder ``out`` as <name>.png, under a new name where one is taken: nothing is
+    overwritten."""
+    from ..images import IMAGE_SUFFIXES, check_output_path
 
     suffixes = [""] if len(seeds) == 1 else [f"_seed{seed}" for seed in seeds]
-    batch = batch or len(photos) > 1 or out.is_dir()
     if not batch:
         check_output_path(out)
         paths = [out.with_name(f"{out.stem}{suffix}{out.suffix}") for suffix in suffixes]
@@ -186,7 +200,8 @@ def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], o
         return [paths]
     if out.exists() and not out.is_dir():
         raise RefFaceError(f"--out {out} is a file, but several photos need a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES:
+        raise RefFaceError(f"--out {out} looks like an image file, but several photos need a folder")
     taken: set[Path] = set()
     plans = []
     for photo in photos:
@@ -236,7 +251,8 @@ def provenance(
         "edited": "faces restored by a generative model guided by reference photos; not an original photograph",
         "source": photo.name,
         "model": model,
-        "references": [ref.name for ref in refs],
+        "references": [ref.name for ref in refs[:MAX_NAMES]]
+        + [f"and {len(refs) - MAX_NAMES} more"] * (len(refs) > MAX_NAMES),
         "faces": faces,
         "seed": seed,
         "upscale": upscale,

@@ -37,17 +37,22 @@ def paste_mask(affine: np.ndarray, crop_size: int, photo_shape: tuple[int, ...])
     h, w = photo_shape[:2]
     inverse = cv2.invertAffineTransform(affine)
     mask = cv2.warpAffine(np.ones((crop_size, crop_size), np.float32), inverse, (w, h), flags=cv2.INTER_LINEAR)
-    face_px = crop_size / np.sqrt(abs(np.linalg.det(affine[:, :2])))  # the crop's width in photo pixels
-    feather = max(1, int(face_px / 20))
+    feather = _feather(affine, crop_size)
     mask = cv2.erode(mask, np.ones((2 * feather + 1, 2 * feather + 1), np.uint8))
     return cv2.GaussianBlur(mask, (0, 0), sigmaX=feather / 2 + 1e-3)
 
 
-def scale_affine(affine: np.ndarray, factor: float) -> np.ndarray:
-    """The photo->crop ``affine`` for the photo resized by ``factor`` (pixel centres: x = (x' + 0.5) / f - 0.5)."""
+def _feather(affine: np.ndarray, crop_size: int) -> int:
+    """The seam's width in photo pixels: a twentieth of the crop's width there. The blur reaches twice as far."""
+    return max(1, int(crop_size / np.sqrt(abs(np.linalg.det(affine[:, :2]))) / 20))
+
+
+def scale_affine(affine: np.ndarray, factor_x: float, factor_y: float) -> np.ndarray:
+    """The photo->crop ``affine`` for the photo resized by these factors (pixel centres: x = (x' + 0.5) / f - 0.5)."""
+    factors = np.array([factor_x, factor_y])
     scaled = affine.copy()
-    scaled[:, :2] = affine[:, :2] / factor
-    scaled[:, 2] = affine[:, 2] + affine[:, :2].sum(1) * (0.5 / factor - 0.5)
+    scaled[:, :2] = affine[:, :2] / factors
+    scaled[:, 2] = affine[:, 2] + affine[:, :2] @ (0.5 / factors - 0.5)
     return scaled
 
 
@@ -62,7 +67,7 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, crop_siz
     inverse = cv2.invertAffineTransform(affine)
     n = crop.shape[0]
     corners = np.array([[0, 0], [n, 0], [0, n], [n, n]], np.float64) @ inverse[:, :2].T + inverse[:, 2]
-    margin = int(np.ceil(n / np.sqrt(abs(np.linalg.det(affine[:, :2]))) / 10)) + 3  # the feather's reach and more
+    margin = 2 * _feather(affine, n) + 3  # where the feathered mask still reaches
     x0, y0 = np.clip(np.floor(corners.min(0)).astype(int) - margin, 0, [w, h])
     x1, y1 = np.clip(np.ceil(corners.max(0)).astype(int) + margin, 0, [w, h])
     out = photo.copy()

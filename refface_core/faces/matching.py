@@ -37,6 +37,7 @@ CHOICE_FLOOR = 0.20
 # 41% were usable and 2.8% (7% of the usable) warned wrongly; 41% of different-person pairs were warned of.
 USABLE_SIZE = 12.0
 USABLE_SHARPNESS = 15.0
+UNSURE_DETECTION = 0.8  # YuNet scores real faces about 0.9-0.96, even small and degraded ones
 
 
 @dataclass
@@ -126,6 +127,8 @@ def _figures(found: PhotoFaces) -> list[str]:
     figures = []
     for i, face in enumerate(found.faces):
         figure = f"{face.size:.0f} px between the eyes"
+        if face.score < UNSURE_DETECTION:
+            figure += f" (the detector is unsure, score {face.score:.2f}: its alignment may be off)"
         if found.similarity is not None:
             figure += f", similarity {found.similarity[i]:.3f}"
             if not found.usable[i]:

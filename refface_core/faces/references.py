@@ -32,10 +32,9 @@ class ReferenceReport:
     flagged: bool  # probably another person
 
     def describe(self) -> str:
-        parts = [f"score {self.score:.3f}"]
+        parts = [f"{self.size:.0f} px between the eyes, sharpness {self.sharpness:.0f}"]
         if self.agreement is not None:
-            parts.append(f"agreement {self.agreement:.3f}")
-        parts.append(f"{self.size:.0f} px between the eyes, sharpness {self.sharpness:.0f}")
+            parts.append(f"agreement with the others {self.agreement:.3f}")
         if self.flagged:
             parts.append("FLAGGED: probably another person")
         return ", ".join(parts)
@@ -47,6 +46,7 @@ class References:
 
     crops: list[np.ndarray]  # aligned, best first; flagged and skipped ones left out
     embeddings: np.ndarray  # identity of ``crops`` [len(crops), dim]
+    names: list[str]  # of ``crops``
     lines: list[str]  # the report: a line per reference, best first, then skipped ones and warnings
 
 
@@ -82,7 +82,7 @@ def prepare_references(
         embeddings.append(analysis.embed(photo, faces[:1])[0])
         sizes.append(faces[0].size)
     if not crops:
-        raise RefFaceError("no usable reference:\n  " + "\n  ".join(skipped))
+        raise RefFaceError("no usable reference: " + "; ".join(line.replace(": skipped:", ":") for line in skipped))
     embeddings = np.stack(embeddings)
     reports = rank_references(embeddings, sizes, [sharpness(c) for c in crops], threshold)
     used = [r.index for r in reports if not r.flagged][:keep]
@@ -94,7 +94,7 @@ def prepare_references(
             f"warning: the references may show different people: no two of them match (best similarity "
             f"{best_pair:.3f}, same person above {threshold:.3f}); check them, or add another photo of the person"
         )
-    return References([crops[i] for i in used], embeddings[used], lines)
+    return References([crops[i] for i in used], embeddings[used], [usable[i] for i in used], lines)
 
 
 def sharpness(face_crop: np.ndarray) -> float:

@@ -21,6 +21,8 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
         raise RefFaceError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise RefFaceError(f"device {device} was asked for, but this torch build sees no CUDA GPU")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise RefFaceError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise RefFaceError(f"device {device} was asked for, but MPS is not available (it needs an Apple-silicon Mac)")
     if chosen.type not in ("cpu", "cuda", "mps"):

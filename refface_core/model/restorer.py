@@ -338,14 +338,16 @@ class RefFaceRestorer(nn.Module):
         **sample_options: Any,
     ) -> list[ImageLike]:
         """``restore`` once per seed, as one batch: the LQ encoding and the references' CacheKV are computed once,
-        and each candidate starts from the noise its seed gives alone."""
+        and each candidate starts from the noise its seed gives alone (with eta > 0, the later noise is drawn for
+        the batch from the first seed's generator)."""
         if not isinstance(references, CompositeContext):
             references = self.encode_context(references, identity, farl, ref_layout)
         lq_latent = self.encode(to_model_tensor(lq_face, self.image_size))
-        x_T = torch.cat([torch.randn(lq_latent.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        x_T = torch.cat([torch.randn(lq_latent.shape, generator=generator) for generator in generators])
         latents = self.sample(
-            lq_latent.expand(len(seeds), -1, -1, -1), references.latents, x_T=x_T,
-            generator=torch.Generator().manual_seed(seeds[0]), ref_tokens=references.tokens, **sample_options,
+            lq_latent.expand(len(seeds), -1, -1, -1), references.latents, x_T=x_T, generator=generators[0],
+            ref_tokens=references.tokens, **sample_options,
         )  # fmt: skip
         return [from_model_tensor(image[None], like=lq_face) for image in self.decode(latents)]
 

@@ -152,7 +152,7 @@ def test_cli_comfy_queue_and_a_clear_error_from_the_server(server, photos, tmp_p
     assert main([*args, "--ref", str(photos / "macron_1.jpg"), "--out", str(tmp_path)]) == 0
     assert f"wrote {tmp_path / 'group_restored.png'}" in capsys.readouterr().out
     assert main([*args, "--ref", str(photos / "obama.jpg"), "--out", str(tmp_path)]) == 1  # Obama is not in it
-    assert "no face in the photo matches the references" in capsys.readouterr().err
+    assert "no face clearly matches the references" in capsys.readouterr().err
 
 
 def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
