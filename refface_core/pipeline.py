@@ -71,8 +71,6 @@ def restore_photo(
     embeddings) with the person's ``context``, once per seed, and paste them into the photo upscaled by ``upscale``
     (None: ``auto_upscale``). ``tone`` gives the restored faces the photo's tone (see ``match_tone``)."""
     found = find_faces(analysis, photo, identity)
-    if not found.faces:
-        raise RefFaceError("no face found in the photo (for an aligned face crop, use --aligned)")
     threshold = analysis.same_person_threshold if threshold is None else threshold
     targets = choose_faces(found, select, threshold, log)
     return restore_faces(restorer, photo, found.faces, targets, context, upscale, tone, seeds, log, **sample_options)

@@ -72,7 +72,7 @@ def choose_faces(
     like someone else gets a warning."""
     faces, similarity = found.faces, found.similarity
     if not faces:
-        raise RefFaceError("no face found in the photo")
+        raise RefFaceError("no face found in the photo (for an aligned face crop, CLI: --aligned)")
     if select == "matching" and similarity is None:
         raise RefFaceError("choosing the matching faces needs the person's identity")
     figures = _figures(found)
