@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.choices import GUIDANCES, SOLVERS, SPACINGS
+from refface_core.choices import GUIDANCES, MAX_REF_SLOTS, MAX_SEED, SOLVERS, SPACINGS
 from refface_core.faces import (
     SELECT_MODES,
     Face,
@@ -44,7 +44,7 @@ def sampling_inputs() -> list[io.Input]:
             "seed",
             default=2024,
             min=0,
-            max=2**63 - 1,
+            max=MAX_SEED,
             control_after_generate=True,
             tooltip="Noise seed (ReF-LDM: 2024).",
         ),
@@ -81,7 +81,7 @@ def sampling_inputs() -> list[io.Input]:
             "ref_slots",
             default=0,
             min=0,
-            max=64,
+            max=MAX_REF_SLOTS,
             advanced=True,
             tooltip="Repeat references to fill this many slots per branch (0 = as many as there are references).",
         ),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.model import DTYPES
-from refface_core.model.tensors import from_model_tensor
+from refface_core.model.tensors import check_finite, from_model_tensor
 
 # our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {
@@ -113,7 +113,9 @@ def load_on_device(*models: Offloadable) -> list[torch.nn.Module]:
 
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
     """IMAGE [B,H,W,C] floats in 0..1 -> RGB uint8 arrays."""
-    return list(images[..., :3].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
+    if images.dim() != 4 or not images.numel():
+        raise RefFaceError(f"expected a batch of images [B,H,W,C], got shape {tuple(images.shape)}")
+    return list(check_finite(images)[..., :3].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
 
 
 def to_image(arrays: list[np.ndarray]) -> torch.Tensor:

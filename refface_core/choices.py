@@ -1,7 +1,10 @@
-"""The choices users pick by name (CLI, nodes, API), importable without torch so that `refface --help` stays fast."""
+"""The choices users pick by name and the limits of their numbers (CLI, nodes, API), importable without torch so
+that `refface --help` stays fast."""
 
 SPACINGS = ("uniform", "uniform_trailing")  # ReF-LDM's DDIM timestep spacings
 SOLVERS = ("ddim", "dpmpp_2m")
 GUIDANCES = ("refldm", "multi_reference")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
+MAX_SEED = 2**63 - 1  # what torch.Generator and ComfyUI's seed widgets both take
+MAX_REF_SLOTS = 64  # per branch: each slot adds a reference's keys and values to every attention layer

@@ -1,9 +1,36 @@
+"""The errors RefFace reports to its users, and the checks that raise them."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+from .choices import MAX_SEED
+
+
 class RefFaceError(Exception):
     """A problem with the user's input or files: the message says what is wrong and how to fix it."""
 
 
 class Cancelled(RefFaceError):
     """Sampling was stopped by the cancel hook."""
+
+
+def check_number(name: str, value: float, low: float | None = None) -> None:
+    """A finite number (at least ``low``): NaN or inf would give black faces, silently."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise RefFaceError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise RefFaceError(f"{name} must be at least {low:g}, got {value:g}")
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    if not seeds:
+        raise RefFaceError("at least one seed is needed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            raise RefFaceError(f"seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
 
 
 def listing(title: str, items: list[str], limit: int = 30) -> str:

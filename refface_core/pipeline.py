@@ -13,6 +13,7 @@ import numpy as np
 from .errors import RefFaceError
 from .faces import Face, FaceAnalysis, align_face, choose_faces, find_faces, paste_back, scale_affine
 from .faces.tone import is_grayscale, match_tone
+from .images import check_photo, to_8bit
 
 if TYPE_CHECKING:
     from .model import CompositeContext, RefFaceRestorer
@@ -69,7 +70,8 @@ def restore_photo(
 ) -> RestoredPhoto:
     """Restore the faces of ``photo`` chosen by ``select`` (see ``choose_faces``; ``identity``: the references'
     embeddings) with the person's ``context``, once per seed, and paste them into the photo upscaled by ``upscale``
-    (None: ``auto_upscale``). ``tone`` gives the restored faces the photo's tone (see ``match_tone``)."""
+    (None: ``auto_upscale``). ``tone`` gives the restored faces the photo's tone (see ``match_tone``). A 16-bit
+    ``photo`` gives 16-bit results: only the restored faces are 8-bit."""
     found = find_faces(analysis, photo, identity)
     threshold = analysis.same_person_threshold if threshold is None else threshold
     targets = choose_faces(found, select, threshold, log)
@@ -89,13 +91,14 @@ def restore_faces(
     **sample_options: Any,
 ) -> RestoredPhoto:
     """Restore the ``targets`` among ``faces`` of ``photo`` as ``restore_photo`` does."""
+    base = check_photo(photo)
+    photo = to_8bit(base)
     if upscale is None:
         upscale = auto_upscale(photo.shape, [faces[i].size for i in targets])
     check_upscale(photo.shape, upscale)
-    base = photo
     if upscale != 1:
         size = (round(photo.shape[1] * upscale), round(photo.shape[0] * upscale))
-        base = cv2.resize(photo, size, interpolation=cv2.INTER_LANCZOS4)
+        base = cv2.resize(base, size, interpolation=cv2.INTER_LANCZOS4)
         log(f"upscaling the photo {upscale:g}× to {size[0]}×{size[1]} (Lanczos)")
     factors = (base.shape[1] / photo.shape[1], base.shape[0] / photo.shape[0])  # as rounded to whole pixels
     grayscale = None if tone and is_grayscale(photo) else False  # a grey photo: each face's crop confirms it

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import RefFaceError
+from .files import check_writable_folder, process_running
 
 if TYPE_CHECKING:
     import requests
@@ -75,6 +76,8 @@ def download(url: str, target: Path, progress: ByteProgress | None = None) -> No
         raise RefFaceError(
             f"download of {url} stopped after {have:,} bytes ({type(e).__name__}); run the command again to resume"
         ) from None
+    except OSError as e:  # after requests' errors, which are OSErrors too
+        raise RefFaceError(f"cannot write {part}: {e.strerror or e}") from None
     if total is not None and have != total:
         raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); run it again to resume")
     os.replace(part, target)
@@ -108,9 +111,11 @@ def download_model(
         return model_dir
     if model_dir.exists():
         raise RefFaceError(f"{model_dir} exists but is not a RefFace model; move it away and run this again")
+    check_writable_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{MODEL_NAME}.partial-*"):  # left by a conversion that was killed
-        if not _running(stale.name.rpartition("-")[2]):
+        pid = stale.name.rpartition("-")[2]
+        if not (pid.isdigit() and process_running(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     log(LICENCE)
     base = download_base()
@@ -124,16 +129,6 @@ def download_model(
     log(f"converting the checkpoints into {model_dir}")
     _convert_atomically(folder, model_dir, fetched)
     return model_dir
-
-
-def _running(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> None:
@@ -156,5 +151,7 @@ def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> No
     try:
         model.save_pretrained(partial)
         os.replace(partial, model_dir)
+    except OSError as e:
+        raise RefFaceError(f"cannot write the model into {folder}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)

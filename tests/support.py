@@ -1,9 +1,16 @@
-"""Helpers shared by the tests: where the golden vectors are, and a tiny random model."""
+"""Helpers shared by the tests: where the golden vectors are, a tiny random model, and a bounded run of a command
+that starts processes of its own."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +18,35 @@ from refface_core import RefFaceRestorer
 from refface_core.model import refldm_unet_config, refldm_vq_config
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "refldm"
+
+
+def run_bounded(command: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end or for ``timeout`` seconds, its stdout and stderr together in ``stdout``. On timeout,
+    the command and every process it started are killed, and the test fails showing their output: a hung worker can
+    neither hang the test run nor outlive it. Killing the command's process group is not enough for `accelerate
+    launch`: torch starts each worker in a session of its own."""
+    import psutil
+
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nothing waits for a killed worker's end of a pipe
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        try:
+            process.wait(timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            started = []
+            with contextlib.suppress(psutil.NoSuchProcess):  # listed first: once the command dies, they are orphans
+                started = psutil.Process(process.pid).children(recursive=True)
+            os.killpg(process.pid, signal.SIGKILL)
+            for child in started:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            process.wait()
+            timed_out = True
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    if timed_out:
+        pytest.fail(f"{' '.join(command)} ran past {timeout:g} s and was killed, with its processes:\n{output[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output)
 
 
 def weights_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -58,6 +58,14 @@ def test_restore_is_reproducible_from_the_seed(files, tmp_path):
         (("--model", "."), "not a RefFace model folder"),
         (("--out", "restored.xyz"), "unknown image extension"),
         (("--steps", "0"), "steps must be in 1..1000"),
+        (("--scale", "nan"), "guidance scale must be a finite number, got nan"),
+        (("--s-i", "inf"), "s_i must be a finite number, got inf"),
+        (("--s-c", "-inf"), "s_c must be a finite number, got -inf"),
+        (("--context-scale", "nan"), "--context-scale must be a finite number, got nan"),
+        (("--ref-slots", "100000"), "reference slots must be between 1 and 64, got 100000"),
+        (("--seed", "-1"), "seed must be a whole number from 0 to 9223372036854775807"),
+        (("--seed", str(2**64)), "seed must be a whole number from 0"),
+        (("--out", "/proc/restored.png"), "cannot write into /proc"),  # unwritable, even for root
     ],
 )
 def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, capsys):
@@ -66,7 +74,11 @@ def test_restore_bad_input_is_one_clear_line(files, tmp_path, change, message, c
     args = restore_args(files, out, "--overwrite")  # a failed run leaves even a replaceable file as it was
     flag, value = change
     paths = {"--out": tmp_path, "--input": files, "--model": files}
-    args[args.index(flag) + 1] = str(paths[flag] / value) if flag in paths else value
+    value = str(paths[flag] / value) if flag in paths else value
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args.append(f"{flag}={value}")  # "=": argparse takes "-inf" for an option otherwise
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
     assert err[-1].startswith("refface: error:") and message in err[-1]

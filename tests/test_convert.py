@@ -145,3 +145,38 @@ def test_cli_reports_unloadable_files(tmp_path, capsys):
         assert code == 1 and err.startswith("refface: error:") and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_only_floating_point_weights_convert(tiny_checkpoint, dtype):
+    unet, vq, raw = tiny_checkpoint
+    name = "model.diffusion_model.input_blocks.0.0.weight"
+    with pytest.raises(RefFaceError) as info:
+        convert_refldm(raw | {name: raw[name].to(dtype)}, vq, head_channels=8, use_ema=False)
+    assert f"\n  {name}: {dtype}, weights must be floating point" in str(info.value)
+    # integer buffers inference does not use (EMA step count, discriminator batch counts) are still skipped
+    vq = vq | {"loss.discriminator.main.1.num_batches_tracked": torch.tensor(7)}
+    assert convert_refldm(unet, vq, head_channels=8).unet.conv_in.weight.dtype == torch.float32
+
+
+def test_non_finite_weights_do_not_convert(tiny_checkpoint):
+    _, vq, raw = tiny_checkpoint
+    name = "model.diffusion_model.out.2.bias"
+    broken_vq = vq | {"quantize.embedding.weight": torch.full_like(vq["quantize.embedding.weight"], float("inf"))}
+    with pytest.raises(RefFaceError) as info:
+        convert_refldm(raw | {name: raw[name] * float("nan")}, broken_vq, head_channels=8, use_ema=False)
+    assert f"\n  {name}: holds NaN or infinite values" in str(info.value)
+    assert "\n  quantize.embedding.weight: holds NaN or infinite values" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "4096"])
+def test_head_size_is_checked_before_reading_checkpoints(tmp_path, capsys, value):
+    args = ["convert", "--refldm-unet", str(tmp_path / "absent.ckpt"), "--refldm-vq", str(tmp_path / "absent.ckpt")]
+    assert main([*args, "--num-head-channels", value, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"refface: error: --num-head-channels must be a whole number from 1 to 2048, got {value} "
+        "(ReF-LDM's is 32)\n"
+    )
+    with pytest.raises(RefFaceError, match="--num-head-channels must be a whole number"):
+        convert_refldm({}, {}, head_channels=int(value))

@@ -252,3 +252,60 @@ def test_a_file_broken_after_the_check_is_skipped_or_aborts(ffhq, tmp_path, caps
     assert "refface: skipped a sample:" in capsys.readouterr().err
     with pytest.raises(RefFaceError, match="00000.png"):
         abort[0]
+
+
+def test_ffhq_ref_csv_that_cannot_be_read_is_named(ffhq, tmp_path):
+    header, good = "gt_image,ref_image\n", "00000.png,\"['00001.png']\"\n"
+    long = tmp_path / "long.csv"
+    long.write_text(header + good + "00001.png,\"['" + "0" * 200_000 + ".png']\"\n")  # past csv's field limit
+    with pytest.raises(RefFaceError, match=r"long.csv line 3 is not readable CSV \(field larger than field limit"):
+        FFHQRefDataset(long, ffhq / "images", size=SIZE)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text(header + good + "00001.png,\"['00000.png']\n" + "00002.png,x\n" * 20_000)  # where it starts
+    with pytest.raises(
+        RefFaceError, match=r"unclosed.csv line 3 is not readable CSV .*check that its quotes are closed"
+    ):
+        FFHQRefDataset(unclosed, ffhq / "images", size=SIZE)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes((header + good + "00001.png,\"['caf\xe9.png']\"\n").encode("latin-1"))
+    with pytest.raises(RefFaceError, match=r"latin.csv line 3 is not UTF-8 text \(invalid continuation byte\)"):
+        FFHQRefDataset(latin, ffhq / "images", size=SIZE)
+    bom = tmp_path / "bom.csv"  # as spreadsheet programs save UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + (header + good).encode())
+    assert [e.name for e in FFHQRefDataset(bom, ffhq / "images", size=SIZE).entries] == ["00000.png"]
+    split = tmp_path / "split.txt"
+    split.write_bytes(b"00000.png\ncaf\xe9.png\n")
+    with pytest.raises(RefFaceError, match=r"split file .*split.txt is not UTF-8 text"):
+        FFHQRefDataset(bom, ffhq / "images", size=SIZE, split=split)
+
+
+def test_ffhq_ref_names_outside_the_image_folder_are_refused(ffhq, tmp_path):
+    shutil.copy(ffhq / "images" / "00000.png", tmp_path / "outside.png")  # a real image: refused for where it is
+    outside = str(tmp_path / "outside.png")
+    rows = [
+        *GOOD[:4],
+        ("00000.png", "['../../outside.png']"),
+        ("00001.png", "['00000.png', '../../../../../../../etc/passwd']"),
+        (outside, "['00001.png']"),
+        ("00002.png", f"['{outside}']"),
+        ("../images/00003.png", "['00002.png']"),
+    ]
+    csv = write_csv(tmp_path / "refs.csv", rows)
+    data = FFHQRefDataset(csv, ffhq / "images", size=SIZE)
+    assert len(data) == 4 and len(data.problems) == 5
+    assert all("is not inside" in p and "relative to data.root" in p for p in data.problems)
+    assert "line 6 (00000.png): ref_image '../../outside.png' is not inside" in data.problems[0]
+    assert "gt_image '../images/00003.png'" in data.problems[4]  # even one that would come back in
+    assert all(tmp_path not in e.target.parents and all(tmp_path not in r.parents for r in e.references)
+               for e in data.entries)  # fmt: skip
+    with pytest.raises(RefFaceError, match="ref_image '../../outside.png' is not inside"):
+        FFHQRefDataset(csv, ffhq / "images", size=SIZE, on_bad="abort")
+
+    lq = write_csv(tmp_path / "lq.csv", GOOD[:2])
+    lq.write_text(lq.read_text().replace("00001.png,00001.png", "00001.png,../images/00001.png"))
+    data = FFHQRefDataset(lq, ffhq / "images", size=SIZE, use_lq_images=True, lq_root=ffhq / "lq")
+    assert len(data) == 1 and "lq_image '../images/00001.png' is not inside" in data.problems[0]
+
+    linked = tmp_path / "linked"  # a dataset folder that is itself a symbolic link still works
+    linked.symlink_to(ffhq / "images", target_is_directory=True)
+    assert len(FFHQRefDataset(write_csv(tmp_path / "good.csv", GOOD[:4]), linked, size=SIZE)) == 4

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from refface_core import RefFaceError
 from refface_core.sampling import DDIM, ddim_timesteps, refldm_alphas_cumprod, refldm_betas
 
 
@@ -36,7 +37,7 @@ def test_timesteps_for_any_step_count(steps):
         assert len(t) == steps and t.min() >= 0 and t.max() <= 999 and (t.diff() > 0).all()
     assert ddim_timesteps(steps, "uniform_trailing")[-1] == 999
     assert len(ddim_timesteps(1000, "uniform_trailing")) == 1000
-    with pytest.raises(ValueError, match="at most 999"):
+    with pytest.raises(RefFaceError, match="at most 999"):
         ddim_timesteps(1000, "uniform")
 
 

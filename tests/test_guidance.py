@@ -4,6 +4,7 @@ import pytest
 import torch
 from support import tiny_restorer
 
+from refface_core import RefFaceError
 from refface_core.sampling import Branch, make_branches
 
 
@@ -32,7 +33,7 @@ def test_branch_layouts():
     assert [b.refs for b in same[1:]] == [(0,), (1,), (2,)]
     assert len(make_branches("multi_reference", 3, 0, 1.5, 1.2)) == 5
     assert make_branches("multi_reference", 2, 0, 1.2, 1.2, slots=3)[1].refs == (0, 0, 0)
-    with pytest.raises(ValueError, match="guidance must be one of"):
+    with pytest.raises(RefFaceError, match="guidance must be one of"):
         make_branches("cfg", 2, 1.5, 1, 1)
 
 

@@ -1,10 +1,18 @@
 """Image loading: every common mode becomes upright 8-bit RGB; bad files give RefFaceError."""
 
+import os
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+from support import tiny_restorer
 
 from refface_core import RefFaceError
+from refface_core.cli import main
+from refface_core.faces import find_faces, load_face_analysis, prepare_references
+from refface_core.files import write_atomic
 from refface_core.images import load_image, save_image
 
 
@@ -42,8 +50,6 @@ def test_errors_and_atomic_save(tmp_path):
 
 
 def test_written_files_get_the_umask_permissions_or_keep_their_own(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         save_image(Image.new("RGB", (4, 4)), tmp_path / "new.png")
@@ -54,3 +60,65 @@ def test_written_files_get_the_umask_permissions_or_keep_their_own(tmp_path):
         assert (tmp_path / "shared.png").stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
+
+
+def test_an_interrupted_save_leaves_no_temporary_file_and_a_killed_ones_is_removed(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"precious")
+
+    def interrupted(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM as the CLI turns it
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, interrupted)
+    assert target.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    killed = tmp_path / ".out.png.999999999.abcd.tmp"  # a process that is gone (pids stay below 2**22)
+    alive = tmp_path / f".out.png.{os.getpid()}.efgh.tmp"  # one still writing
+    killed.write_bytes(b"half")
+    alive.write_bytes(b"half")
+    save_image(Image.new("RGB", (4, 4)), target)
+    assert not killed.exists() and alive.exists()
+
+
+def test_sigterm_while_saving_unwinds_and_removes_the_temporary_file(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (64, 64), (90, 60, 40)).save(tmp_path / "lq.png")
+    Image.new("RGB", (32, 32), (80, 70, 50)).save(tmp_path / "ref.png")
+    tiny_restorer(seed=1).save_pretrained(tmp_path / "model")
+    real_save = Image.Image.save
+
+    def save_then_terminated(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        if str(fp).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a closing terminal would
+
+    monkeypatch.setattr(Image.Image, "save", save_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["restore", "--aligned", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lq.png"),
+            "--ref", str(tmp_path / "ref.png"), "--out", str(tmp_path / "out.png"), "--steps", "1"]  # fmt: skip
+    assert main(argv) == 130
+    assert "refface: interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) == before  # main puts the handler back
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((0, 0, 3), np.uint8), "0×0 px: too small to hold a face"),
+        (np.zeros((64, 64), np.uint8), "must be an H×W×3 RGB array, got shape (64, 64); convert grey or RGBA"),
+        (np.zeros((64, 64, 4), np.uint8), "got shape (64, 64, 4)"),
+        (np.zeros((64, 64, 3), np.float32), "must hold uint8 (or uint16) pixels, got float32"),
+        (np.zeros((5, 20000, 3), np.uint8), "20000×5 px: too small to hold a face"),
+        ("photo.png", "must be an H×W×3 RGB array, got str"),
+    ],
+)
+def test_photos_given_to_the_api_are_checked(image, message):
+    with pytest.raises(RefFaceError) as error:
+        find_faces(load_face_analysis(), image)
+    assert message in str(error.value)
+
+
+def test_an_empty_reference_list_is_refused():
+    with pytest.raises(RefFaceError, match="no reference photos given"):
+        prepare_references(load_face_analysis(), [], 64)

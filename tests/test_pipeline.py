@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 from support import tiny_restorer
 
+from refface_core import RefFaceError
 from refface_core.cli import main
 from refface_core.faces import load_face_analysis, paste_mask, scale_affine
 from refface_core.faces.align import alignment_transform
-from refface_core.images import load_image
+from refface_core.images import load_image, load_photo, save_image
 from refface_core.training.degradations import PRESETS, degrade
 
 DATA = Path(__file__).parent / "data" / "faces"
@@ -261,6 +262,72 @@ def test_existing_output_and_the_input_itself_are_never_replaced(model_dir, tmp_
     copy.write_bytes(out.read_bytes())
     assert restore(model_dir, copy, ["macron_1"], copy, "--overwrite") == 1
     assert "is the input photo" in capsys.readouterr().err
+    (tmp_path / "link.png").symlink_to(copy)  # the same file under another name
+    assert restore(model_dir, copy, ["macron_1"], tmp_path / "link.png", "--overwrite") == 1
+    assert "is the input photo" in capsys.readouterr().err and copy.read_bytes() == out.read_bytes()
+
+
+def test_unwritable_outputs_fail_before_any_work(model_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder.png").mkdir()
+    cases = [
+        ([DATA / "macron_2.jpg"], Path("/proc/out.png"), "cannot write into /proc"),  # unwritable, even for root
+        ([DATA / "macron_2.jpg"], tmp_path / "a_file" / "out.png", "a_file is a file, not a folder"),
+        ([DATA / "macron_2.jpg", DATA / "sunak.jpg"], tmp_path / "a_file" / "results", "is a file, not a folder"),
+        ([DATA / "macron_2.jpg", DATA / "sunak.jpg"], Path("/proc/results"), "cannot write into /proc"),
+    ]
+    for inputs, out, message in cases:
+        assert restore(model_dir, inputs, ["macron_1"], out) == 1
+        err = capsys.readouterr().err
+        assert message in err and "loading the model" not in err, err
+    with pytest.raises(RefFaceError, match="is a folder; give a file name"):
+        save_image(photo("macron_2"), tmp_path / "a_folder.png")
+
+
+def test_results_keep_the_photos_depth_profile_and_exif(model_dir, tmp_path):
+    """A 16-bit scan stays 16-bit (outside the face, bit for bit); its ICC profile and EXIF are carried over, the
+    orientation applied and reset; JPEG results are written at quality 95."""
+    from PIL import ImageCms
+
+    upright = photo("macron_2")
+    rng = np.random.default_rng(0)
+    deep = (upright.astype(np.uint16) * 257 + rng.integers(0, 257, upright.shape)).astype(np.uint16)
+    rotated = np.ascontiguousarray(np.rot90(deep))  # stored on its side, EXIF orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Kodak"
+    exif.get_ifd(0x8769)[0x9003] = "1962:05:01 10:00:00"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    save_image(rotated, tmp_path / "scan.png", exif=exif, icc=icc)
+    assert load_photo(tmp_path / "scan.png").pixels.dtype == np.uint16
+
+    assert restore(model_dir, tmp_path / "scan.png", ["macron_1"], tmp_path / "out.png", "--upscale", "1") == 0
+    result = load_photo(tmp_path / "out.png")
+    assert result.pixels.dtype == np.uint16 and result.pixels.shape == deep.shape
+    face = load_face_analysis().detect(upright)[0]
+    x1, y1, x2, y2 = face.bbox.astype(int)
+    margin = 2 * (x2 - x1)
+    away = np.ones(deep.shape[:2], bool)
+    away[max(0, y1 - margin) : y2 + margin, max(0, x1 - margin) : x2 + margin] = False
+    assert np.array_equal(result.pixels[away], deep[away])  # untouched, with its low bits
+    assert not np.array_equal(result.pixels[~away], deep[~away])
+    assert result.icc == icc
+    assert result.exif[0x010F] == "Kodak" and 0x0112 not in result.exif
+    assert result.exif.get_ifd(0x8769)[0x9003] == "1962:05:01 10:00:00"
+
+    assert restore(model_dir, tmp_path / "scan.png", ["macron_1"], tmp_path / "out.jpg", "--upscale", "1") == 0
+    with Image.open(tmp_path / "out.jpg") as im:
+        assert im.size == (deep.shape[1], deep.shape[0]) and im.info["icc_profile"] == icc
+        assert max(im.quantization[0]) == 12  # quality 95 (PIL's default, 75, gives 61)
+        assert im.getexif()[0x010F] == "Kodak" and "refface" in str(im.getexif()[0x010E]).lower()
+
+
+def test_a_thin_strip_or_a_folder_is_refused_clearly(model_dir, tmp_path, capsys):
+    Image.fromarray(np.full((5, 20000, 3), 128, np.uint8)).save(tmp_path / "thin.png")
+    assert restore(model_dir, tmp_path / "thin.png", ["macron_1"], tmp_path / "out.png") == 1
+    assert "is 20000×5 px: too small to hold a face" in capsys.readouterr().err
+    (tmp_path / "album").mkdir()
+    assert main(["similarity", str(tmp_path / "album"), str(DATA / "macron_1.jpg")]) == 1
+    assert "album is a folder, not an image" in capsys.readouterr().err
 
 
 def test_composite_context_model_restores_a_photo(tmp_path, capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from support import tiny_restorer
 
 from refface_core import Cancelled, RefFaceError, RefFaceRestorer
@@ -101,6 +102,51 @@ def test_from_pretrained_errors(model, tmp_path):
         RefFaceRestorer.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_checks_the_config_before_building(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    good = config_file.read_text()
+    config_file.write_text("{")
+    with pytest.raises(RefFaceError, match=r"config.json is not valid JSON \(Expecting"):
+        RefFaceRestorer.from_pretrained(tmp_path)
+    # Python's json reads NaN; a zero head size was a ZeroDivisionError inside diffusers
+    config_file.write_text(
+        good.replace('"norm_eps": 1e-05', '"norm_eps": NaN').replace(
+            '"attention_head_dim": 8', '"attention_head_dim": 0'
+        )
+    )
+    with pytest.raises(RefFaceError) as info:
+        RefFaceRestorer.from_pretrained(tmp_path)
+    assert str(info.value).splitlines() == [
+        f"{config_file} has invalid settings (fix them, or convert the model again) (2):",
+        "  unet.attention_head_dim: must be a whole number from 1 to 2048, got 0",
+        "  unet.norm_eps: must be a number from 1e-12 to 0.1, got NaN",
+    ]
+    config_file.write_text(json.dumps(json.loads(good) | {"version": 2}))
+    with pytest.raises(RefFaceError, match="is a version 2 RefFace model, newer than this RefFace reads.*update"):
+        RefFaceRestorer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "problem"),
+    [
+        ("unet.conv_in.weight", lambda t: t.long(), "torch.int64, weights must be floating point"),
+        ("unet.conv_in.weight", lambda t: t * float("nan"), "holds NaN or infinite values"),
+        ("vq.quantize.embedding.weight", lambda t: t.fill_(float("-inf")), "holds NaN or infinite values"),
+    ],
+)
+def test_from_pretrained_refuses_unusable_weights(model, tmp_path, name, change, problem):
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file(state | {name: change(state[name])}, tmp_path / "model.safetensors")
+    with pytest.raises(RefFaceError) as info:
+        RefFaceRestorer.from_pretrained(tmp_path)
+    assert str(info.value).splitlines() == [
+        f"{tmp_path / 'model.safetensors'} holds unusable weights (convert the model again) (1):",
+        f"  {name}: {problem}",
+    ]
+
+
 def test_restore_accepts_pil_numpy_and_tensor(model):
     rng = np.random.default_rng(0)
     face = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)  # resized to the model's 32 px
@@ -119,3 +165,40 @@ def test_restore_accepts_pil_numpy_and_tensor(model):
         model.restore(face[:, :40], [ref], **options)
     with pytest.raises(RefFaceError, match="at least one reference"):
         model.restore(face, [], **options)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"eta": float("nan")}, "eta must be a finite number, got nan"),
+        ({"eta": -0.5}, "eta must be at least 0"),
+        ({"scale": float("inf")}, "guidance scale must be a finite number, got inf"),
+        ({"context_scale": float("nan")}, "context_scale must be a finite number"),
+        ({"ref_slots": 65}, "reference slots must be between 1 and 64"),
+        ({"seed": 2**63}, "seed must be a whole number from 0 to"),
+        ({"seed": -1}, "seed must be a whole number from 0 to"),
+    ],
+)
+def test_bad_numbers_in_the_api_are_refused(model, change, message):
+    face = np.full((32, 32, 3), 120, np.uint8)
+    with pytest.raises(RefFaceError, match=message):
+        model.restore(face, [face], steps=1, **change)
+
+
+@pytest.mark.parametrize(
+    "face, refs, message",
+    [
+        (np.full((32, 32, 3), np.nan, np.float32), None, "NaN or infinite values"),
+        (torch.full((3, 32, 32), float("inf")), None, "NaN or infinite values"),
+        (np.zeros((0, 0, 3), np.uint8), None, "empty"),
+        (np.zeros((32, 32), np.uint8), None, "expected an H×W×3 RGB array, got shape (32, 32)"),
+        (np.zeros((32, 32, 4), np.uint8), None, "got shape (32, 32, 4)"),
+        (np.zeros((32, 32, 3), np.int64), None, "expected uint8 pixels or floats in [0, 1], got int64"),
+        (np.zeros((32, 32, 3), np.uint8), [], "at least one reference face is needed"),
+    ],
+)
+def test_bad_images_in_the_api_are_refused(model, face, refs, message):
+    ref = np.full((32, 32, 3), 120, np.uint8)
+    with pytest.raises(RefFaceError) as error:
+        model.restore(face, [ref] if refs is None else refs, steps=1)
+    assert message in str(error.value)

@@ -4,8 +4,8 @@ where the freezing choice says, bad input is named, and `accelerate launch` runs
 import os
 import re
 import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from support import export_iresnet, farl_state_dict, tiny_context_config, tiny_restorer
+from support import export_iresnet, farl_state_dict, run_bounded, tiny_context_config, tiny_restorer
 
 from refface_core import RefFaceError
 from refface_core.cli import main
@@ -117,12 +117,63 @@ def test_resume_continues_exactly(setup, tmp_path):
     with pytest.raises(RefFaceError, match="already has checkpoints: continue with --resume"):
         train(load_config(resumed))
     changed = write_config(setup, tmp_path / "b", batch_size=1)
+    (tmp_path / "b" / "run" / "final").rename(tmp_path / "b" / "run" / "final-earlier")  # see the test below
     with pytest.raises(RefFaceError, match="cannot resume .* exactly: the run changed \\(batch_size: 2 -> 1\\)"):
         train(load_config(changed), resume="latest")
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
         first = load_file(tmp_path / "a" / "run" / "checkpoints" / "step_0000006" / name)
         second = load_file(tmp_path / "b" / "run" / "checkpoints" / "step_0000006" / name)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_an_earlier_final_model_is_never_replaced(setup, tmp_path, monkeypatch, capsys):
+    from refface_core import RefFaceRestorer
+    from refface_core.training.trainer import export_whole, train
+
+    config = write_config(setup, tmp_path, steps=2, checkpoint_every=2, sample_every=2)
+    assert main(["train", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    earlier = (run / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "checkpoints")  # pruned: only the model is left
+    logs = sorted((run / "logs").rglob("*"))
+    with pytest.raises(RefFaceError, match="final holds the model of an earlier run.*move it away.*another output"):
+        train(load_config(config))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "refface: error:" in error and "Traceback" not in error
+    assert sorted((run / "logs").rglob("*")) == logs and not (run / "checkpoints").exists()  # refused up front
+    assert (run / "final" / "model.safetensors").read_bytes() == earlier
+
+    (run / "final").rename(run / "final-earlier")  # as the message says; then the run goes ahead
+    more = write_config(setup, tmp_path, steps=4, checkpoint_every=2, sample_every=4)
+    assert main(["train", "--config", str(more)]) == 0
+    assert (run / "final" / "model.safetensors").read_bytes() != earlier
+    assert (run / "final-earlier" / "model.safetensors").read_bytes() == earlier
+    with pytest.raises(RefFaceError, match="final holds the model of an earlier run"):
+        train(load_config(more), resume="latest")  # --resume as well
+
+    model = RefFaceRestorer.from_pretrained(run / "final")
+    target = tmp_path / "export" / "final"
+    target.parent.mkdir()
+
+    def broken(self, path):
+        Path(path).mkdir()
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RefFaceRestorer, "save_pretrained", broken)
+        with pytest.raises(RefFaceError, match=r"final.partial \(No space left on device\); .* again with --resume"):
+            export_whole(model, target)
+    assert not target.exists()  # whole or absent
+    export_whole(model, target)  # the failed export's leftover goes
+    assert [p.name for p in target.parent.iterdir()] == ["final"]
+    exported = (target / "model.safetensors").read_bytes()
+    assert RefFaceRestorer.from_pretrained(target).state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(RefFaceError, match="in place as .*final .*saved whole as .*final.partial"):
+        export_whole(model, target)  # a folder that appeared during the run is kept as it was
+    assert (target / "model.safetensors").read_bytes() == exported
 
 
 @pytest.mark.parametrize("freeze", ["context", "context_attention", "full"])
@@ -166,10 +217,10 @@ def test_bad_configs_and_a_non_finite_loss_are_named(setup, tmp_path):
         train(load_config(write_config(setup, tmp_path, model=str(setup / "plain"))))
     broken = tiny_restorer(seed=6)
     broken.add_composite_context(tiny_context_config())
-    with torch.no_grad():
-        broken.unet.conv_out.bias.fill_(float("nan"))
+    with torch.no_grad():  # finite weights (a model with NaN in them is refused when loaded), an infinite loss
+        broken.unet.conv_out.bias.fill_(1e38)
     broken.save_pretrained(tmp_path / "broken")
-    with pytest.raises(RefFaceError, match=r"non-finite loss at step 1 \(here: samples \[.+, .+\], eps nan, loss nan"):
+    with pytest.raises(RefFaceError, match=r"non-finite loss at step 1 \(here: samples \[.+, .+\], eps inf, loss"):
         train(load_config(write_config(setup, tmp_path, model=str(tmp_path / "broken"))))
 
 
@@ -189,23 +240,48 @@ def test_degrade_cli_writes_a_reproducible_test_set(tmp_path, capsys):
     assert "refface: error:" in capsys.readouterr().err
 
 
-def accelerate_launch(config: Path, *args: str, fsdp: bool = False) -> str:
+LAUNCH_LIMIT = 300  # seconds: a two-process run takes 30-80 s on a loaded 2-core machine
+
+
+def accelerate_launch(config: Path, *args: str, target: list[str]) -> str:
     """`accelerate launch` of two CPU processes over gloo: its multi-process launcher with ACCELERATE_USE_CPU (`--cpu`
     alone starts one process). FSDP goes through tests/fsdp_on_cpu.py, which lifts accelerate's accelerator-only gate
-    for it. Returns stderr."""
-    mode = (
-        ["--use_fsdp", "--fsdp_version", "2", "tests/fsdp_on_cpu.py"]
-        if fsdp
-        else ["--multi_gpu", "-m", "refface_core.training"]
-    )
+    for it. Returns the output."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "bf16", "--dynamo_backend", "no", *mode, "--config", str(config), *args,
+        "--mixed_precision", "bf16", "--dynamo_backend", "no", *target,
+        "--config", str(config), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stderr
+    result = run_bounded(command, LAUNCH_LIMIT, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "tests/fsdp_on_cpu.py"]
+
+# The DDP run's target: `python -m refface_core.training`, with the race behind a hang at exit made certain. Rank 1
+# destroys the process group with an all_reduce still in flight (rank 0 joins it 2 s later), so gloo's worker thread
+# frees that tensor, which has a Python object, during the teardown. While DDP's reducer held the group's last
+# reference, freeing it took the GIL and joined that thread, which waited for the GIL: rank 1 never ended.
+RACING_TEARDOWN = """
+import runpy, time
+import torch, torch.distributed as dist
+from accelerate import Accelerator
+
+end_training = Accelerator.end_training
+
+def racing_end_training(self):
+    if self.process_index == 1:
+        dist.all_reduce(torch.ones(4), async_op=True)
+    else:
+        time.sleep(2)
+        dist.all_reduce(torch.ones(4))
+    end_training(self)
+
+Accelerator.end_training = racing_end_training
+runpy.run_module("refface_core.training", run_name="__main__")
+"""
 
 
 def two_process_config(setup, folder: Path) -> Path:
@@ -216,8 +292,39 @@ def two_process_config(setup, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(setup, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    stderr = accelerate_launch(two_process_config(setup, folder))
-    return folder / "run", stderr
+    (folder / "racing_teardown.py").write_text(RACING_TEARDOWN)
+    output = accelerate_launch(
+        two_process_config(setup, folder), target=["--multi_gpu", str(folder / "racing_teardown.py")]
+    )
+    return folder / "run", output
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_hung_launch_fails_with_its_output_and_leaves_no_process():
+    # a command that hangs, with a child in a session of its own, as torch starts `accelerate launch`'s workers
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+        "print(child.pid, flush=True); time.sleep(600)"
+    )
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"ran past 3 s and was killed, with its processes:\n\d+") as failed:
+        run_bounded([sys.executable, "-c", code], 3)
+    assert time.monotonic() - start < 30
+    child = int(str(failed.value).splitlines()[-1])
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:  # SIGKILL was sent; it is gone within moments
+        time.sleep(0.1)
+    assert not alive(child)
+    assert run_bounded([sys.executable, "-c", "print('done')"], 30).stdout == "done\n"
 
 
 def checkpoint_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -241,7 +348,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(setup, tmp_path, ddp_run):
     from refface_core import RefFaceRestorer
 
     ddp, _ = ddp_run
-    stderr = accelerate_launch(two_process_config(setup, tmp_path / "fsdp"), fsdp=True)
+    stderr = accelerate_launch(two_process_config(setup, tmp_path / "fsdp"), target=FSDP)
     held = re.search(
         r"training ([\d,]+) parameters \(full\) on 2 process\(es\), FSDP; each process holds ([\d,]+)", stderr
     )
@@ -263,7 +370,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(setup, tmp_path, ddp_run):
 
     resumed = tmp_path / "resumed" / "run"  # continue from step 2: the sharded state is put back exactly
     shutil.copytree(fsdp / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
-    accelerate_launch(two_process_config(setup, tmp_path / "resumed"), "--resume", fsdp=True)
+    accelerate_launch(two_process_config(setup, tmp_path / "resumed"), "--resume", target=FSDP)
     continued = checkpoint_tensors(resumed, 4)
     assert all(torch.equal(continued[k], sharded[k]) for k in sharded)
 

@@ -5,7 +5,9 @@ function sit in a module of their own here, which imports what the command drive
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from ..errors import RefFaceError
@@ -24,11 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # unwinds like Ctrl-C: temporary files are removed
     try:
         return args.run(args)
-    except (RefFaceError, ValueError, OSError) as e:  # ValueError: out-of-range options; OSError: files
+    except RefFaceError as e:
         print(f"refface: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("refface: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -23,7 +23,9 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model import convert_refldm, load_checkpoint
+    from ..model.convert import check_head_channels
 
+    check_head_channels(args.num_head_channels)
     model = convert_refldm(
         load_checkpoint(args.refldm_unet), load_checkpoint(args.refldm_vq), args.num_head_channels, not args.no_ema
     )

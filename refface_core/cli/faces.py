@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import RefFaceError
 from .options import add_face_models_option
 
 
@@ -14,6 +15,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     faces.add_argument("photo", type=Path)
     faces.add_argument("--json", action="store_true", help="print a JSON list of bbox, landmarks and score")
     faces.add_argument("--align", type=Path, metavar="DIR", help="write each aligned 512 crop as a PNG into DIR")
+    faces.add_argument("--overwrite", action="store_true", help="replace crops already in DIR")
     add_face_models_option(faces)
     faces.set_defaults(run=run_faces)
 
@@ -29,8 +31,11 @@ def run_faces(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..faces import align_face, load_face_analysis
+    from ..files import check_writable_folder
     from ..images import load_image, save_image
 
+    if args.align:
+        check_writable_folder(args.align)
     photo = np.asarray(load_image(args.photo))
     faces = load_face_analysis(args.face_models).detect(photo)
     if args.json:
@@ -42,9 +47,13 @@ def run_faces(args: argparse.Namespace) -> int:
             print(f"  {i}: box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}), eyes {face.eye_distance:.0f}px apart "
                   f"(size {face.size:.0f}px, from all landmarks), score {face.score:.2f}")  # fmt: skip
     if args.align:
+        crops = [args.align / f"face_{i}.png" for i in range(len(faces))]
+        taken = [str(path) for path in crops if path.exists()]
+        if taken and not args.overwrite:
+            raise RefFaceError(f"{taken[0]} exists ({len(taken)} in all); pass --overwrite, or another --align DIR")
         args.align.mkdir(parents=True, exist_ok=True)
-        for i, face in enumerate(faces):
-            save_image(Image.fromarray(align_face(photo, face.landmarks, 512)[0]), args.align / f"face_{i}.png")
+        for face, path in zip(faces, crops, strict=True):
+            save_image(Image.fromarray(align_face(photo, face.landmarks, 512)[0]), path)
     return 0
 
 

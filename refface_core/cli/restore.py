@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RefFaceError
+from ..errors import RefFaceError, check_number, check_seeds
 from .options import add_face_models_option, add_sampling_options, sampling_options
 
 if TYPE_CHECKING:
@@ -65,9 +65,8 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    from PIL import Image
 
-    from ..images import load_image, save_image
+    from ..images import load_image, load_photo, save_image, to_8bit
     from ..pipeline import check_upscale, restore_crop, restore_photo
     from ..progress import Progress
 
@@ -75,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
         raise RefFaceError(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {args.candidates}")
     if args.upscale is not None:
         check_upscale((1, 1), args.upscale)
+    seeds = [args.seed + i for i in range(args.candidates)]
+    check_seeds(seeds)
+    check_number("--context-scale", args.context_scale)
     if args.aligned and (args.upscale is not None or args.face is not None or args.all_faces or args.keep_refs):
         raise RefFaceError("--aligned restores the crops as they are: --upscale, --face, --all-faces and --keep-refs "
                            "apply to whole photos")  # fmt: skip
     photos, folder = image_files(args.input, "--input")
     refs, _ = image_files(args.ref, "--ref")
     batch = folder or len(photos) > 1 or args.out.is_dir() or not args.out.suffix  # results go into a folder
-    seeds = [args.seed + i for i in range(args.candidates)]
     outputs = plan_outputs(photos, args.out, batch, seeds, args.overwrite)
     from ..sampling import make_branches, make_solver  # torch: after the quick checks
 
@@ -133,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
             progress(line)
 
         try:
-            photo = np.asarray(load_image(photo_path))
+            photo = load_photo(photo_path)
             if args.aligned:
-                images = restore_crop(model, photo, context, seeds, not args.colorize, **options)
+                images = restore_crop(model, to_8bit(photo.pixels), context, seeds, not args.colorize, **options)
                 faces, upscale = [0], 1.0
             else:
                 result = restore_photo(
-                    model, analysis, photo, identity, context, select, args.ref_threshold, args.upscale,
+                    model, analysis, photo.pixels, identity, context, select, args.ref_threshold, args.upscale,
                     not args.colorize, seeds, log, **options,
                 )  # fmt: skip
                 images, faces, upscale = result.images, result.faces, result.upscale
@@ -150,9 +151,8 @@ def run(args: argparse.Namespace) -> int:
             progress(f"{photo_path}: not restored: {e}")
             continue
         for image, path, seed in zip(images, paths, seeds, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
             made = provenance(args, model_name, photo_path, used, faces, upscale, seed)
-            save_image(Image.fromarray(image), path, made)
+            save_image(image, path, made, photo.exif, photo.icc)
             print(f"wrote {path}")
     if batch:
         progress(f"restored {len(photos) - len(failed)} of {len(photos)} photos into {args.out}")
@@ -186,6 +186,7 @@ def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], o
     """Every file to write, per photo and seed, checked before any work. One photo goes to the file ``out``; in a
     ``batch`` the photos go into the folder ``out`` as <name>.png, under a new name where one is taken: nothing is
     overwritten."""
+    from ..files import check_writable_folder
     from ..images import IMAGE_SUFFIXES, check_output_path
 
     suffixes = [""] if len(seeds) == 1 else [f"_seed{seed}" for seed in seeds]
@@ -202,6 +203,11 @@ def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], o
         raise RefFaceError(f"--out {out} is a file, but several photos need a folder")
     if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES:
         raise RefFaceError(f"--out {out} looks like an image file, but several photos need a folder")
+    check_writable_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RefFaceError(f"cannot make the folder {out}: {e.strerror}") from None
     taken: set[Path] = set()
     plans = []
     for photo in photos:

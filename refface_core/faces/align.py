@@ -81,6 +81,7 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, crop_siz
         borderMode=cv2.BORDER_REPLICATE,
     )  # fmt: skip
     mask = paste_mask(roi_affine, n, roi.shape)[..., None]
-    blended = mask * warped.astype(np.float32) + (1 - mask) * roi.astype(np.float32)
-    out[y0:y1, x0:x1] = np.clip(blended.round(), 0, 255).astype(photo.dtype)
+    depth = np.iinfo(photo.dtype).max / np.iinfo(crop.dtype).max  # an 8-bit face into a 16-bit photo
+    blended = mask * warped.astype(np.float32) * depth + (1 - mask) * roi.astype(np.float32)
+    out[y0:y1, x0:x1] = np.clip(blended.round(), 0, np.iinfo(photo.dtype).max).astype(photo.dtype)
     return out

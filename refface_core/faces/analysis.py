@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import RefFaceError
+from ..images import MIN_SIDE, check_photo, to_8bit
 from .align import FFHQ_TEMPLATE_512
 
 YUNET = "face_detection_yunet_2023mar_int8bq.onnx"
@@ -91,6 +92,7 @@ class FaceAnalysis(ABC):
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces, largest first, in the coordinates of ``image``. A small photo is also searched upscaled,
         which finds faces down to a few pixels between the eyes."""
+        image = to_8bit(check_photo(image))
         long_side = max(image.shape[:2])
         faces = self._detect_scaled(image, min(1.0, self.max_detect_side / long_side))
         upscale = min(self.max_upscale, self.max_detect_side / long_side)
@@ -100,6 +102,8 @@ class FaceAnalysis(ABC):
 
     def _detect_scaled(self, image: np.ndarray, scale: float) -> list[Face]:
         """Detect on ``image`` resized by ``scale``; boxes and landmarks mapped back to ``image``."""
+        if min(image.shape[:2]) * scale < MIN_SIDE:  # a strip too thin for a face at this scale
+            return []
         if scale != 1:
             interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
             image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)

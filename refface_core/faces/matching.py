@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RefFaceError
+from ..images import check_photo, to_8bit
 from .analysis import Face, FaceAnalysis
 from .references import sharpness
 
@@ -57,6 +58,7 @@ def face_similarity(embeddings: np.ndarray, identity: np.ndarray) -> np.ndarray:
 
 def find_faces(analysis: FaceAnalysis, photo: np.ndarray, identity: np.ndarray | None = None) -> PhotoFaces:
     """Detect the faces of ``photo`` and, given the person's identity embeddings, compare each with it."""
+    photo = to_8bit(check_photo(photo))
     faces = analysis.detect(photo)
     crops = analysis.identity_crops(photo, faces)
     usable = [f.size >= USABLE_SIZE and sharpness(c) >= USABLE_SHARPNESS for f, c in zip(faces, crops, strict=True)]
@@ -89,7 +91,7 @@ def choose_faces(
     elif select == "matching":
         targets = _matching(similarity, threshold)
     else:
-        raise ValueError(f"select must be one of {SELECT_MODES} or a face index, got {select!r}")
+        raise RefFaceError(f"select must be one of {SELECT_MODES} or a face index, got {select!r}")
     for i in targets if select != "all" else []:
         if similarity is not None and found.usable[i] and similarity[i] < threshold:
             log(

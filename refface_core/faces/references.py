@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..errors import RefFaceError
-from ..images import load_image
+from ..images import check_photo, load_image, to_8bit
 from .align import align_face
 from .analysis import FaceAnalysis
 
@@ -61,6 +61,8 @@ def prepare_references(
     """Align the main (largest) face of each reference photo (an array, or a file read here), rank them, and drop
     likely other people. A reference that cannot be read or has no usable face is skipped with a report line, as
     long as one usable reference remains."""
+    if not sources:
+        raise RefFaceError("no reference photos given: at least one good photo of the person is needed")
     if keep is not None and keep < 1:
         raise RefFaceError(f"keeping {keep} references leaves none; keep at least 1")
     names = list(names or [f"reference {i}" for i in range(len(sources))])
@@ -68,11 +70,11 @@ def prepare_references(
     usable, crops, embeddings, sizes, skipped = [], [], [], [], []
     for source, name in zip(sources, names, strict=True):
         try:
-            photo = source if isinstance(source, np.ndarray) else np.asarray(load_image(source))
+            photo = to_8bit(check_photo(source if isinstance(source, np.ndarray) else np.asarray(load_image(source))))
+            faces = analysis.detect(photo)
         except RefFaceError as e:
             skipped.append(f"{name}: skipped: {e}")
             continue
-        faces = analysis.detect(photo)
         if not faces or faces[0].size < MIN_REFERENCE_SIZE:
             why = "no face found" if not faces else f"its face is too small ({faces[0].size:.0f} px between the eyes)"
             skipped.append(f"{name}: skipped: {why}")

@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoints import weight_problems
 from ..errors import RefFaceError, listing
+from .config import UNET, weight_value_problems
 from .restorer import RefFaceRestorer
 from .unet import refldm_unet_config
 from .vq import refldm_vq_config
@@ -53,6 +54,7 @@ def convert_refldm(
     use_ema: bool = True,
 ) -> RefFaceRestorer:
     """Build a RefFaceRestorer from ReF-LDM's UNet state dict and the VQ autoencoder's state dict."""
+    check_head_channels(head_channels)
     unet_src = {k[len(UNET_PREFIX) :]: v for k, v in unet_state.items() if k.startswith(UNET_PREFIX)}
     if not unet_src:
         raise RefFaceError(f"no {UNET_PREFIX}* tensors found: is this ReF-LDM's refldm.ckpt?")
@@ -89,10 +91,17 @@ def convert_refldm(
     weights = {k: t for k, (_, t) in target.items()}
     problems = [f"unexpected: {k}" for k in sorted(set(unexpected))]
     problems += weight_problems(model.state_dict(), weights, name=lambda k: target[k][0])
-    if problems:
-        raise RefFaceError(listing("the checkpoints do not convert cleanly", problems))
+    problems += weight_value_problems(weights, name=lambda k: target[k][0])
+    if problems:  # a legacy qkv tensor feeds q, k and v: name it once
+        raise RefFaceError(listing("the checkpoints do not convert cleanly", list(dict.fromkeys(problems))))
     model.load_state_dict({k: t.float().contiguous() for k, t in weights.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def check_head_channels(head_channels: int) -> None:
+    """Refuse a head size no layer could be split into, before any checkpoint is read."""
+    if problem := UNET["attention_head_dim"](head_channels):
+        raise RefFaceError(f"--num-head-channels {problem} (ReF-LDM's is 32)")
 
 
 Rule = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]] | None]

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..checkpoints import weight_problems
 from ..context.encoder import CompositeContextEncoder
-from ..errors import RefFaceError, listing
+from ..errors import RefFaceError, check_number, check_seeds, listing
 from ..files import write_atomic
 from ..sampling import Branch, make_branches, make_solver, run_sampler
 from ..sampling.sampler import Denoiser, StepCallback
+from .config import FORMAT, check_model_config, weight_value_problems
 from .tensors import ImageLike, from_model_tensor, to_model_tensor
 from .unet import (
     CacheKV,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT = "refface"
 
 
 @dataclass
@@ -95,21 +95,23 @@ class RefFaceRestorer(nn.Module):
         if not path.is_dir():
             raise RefFaceError(f"model folder not found: {path}; `refface download` fetches ReF-LDM's weights")
         try:
-            config = json.loads(config_file.read_text())
-            valid = (
-                config.get("format") == FORMAT and isinstance(config["unet"], dict) and isinstance(config["vq"], dict)
-            )
-        except (OSError, ValueError, KeyError, AttributeError):
-            valid = False
-        if not valid:
+            text = config_file.read_bytes()
+        except OSError:
             raise RefFaceError(
                 f"{path} is not a RefFace model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                 "make one from ReF-LDM weights with `refface convert`"
-            )
+            ) from None
+        try:
+            config = json.loads(text)
+        except ValueError as e:  # also a UnicodeDecodeError
+            raise RefFaceError(f"{config_file} is not valid JSON ({e}); make it again with `refface convert`") from None
+        check_model_config(config, str(config_file))
         try:
             state = load_file(weights_file, device=str(device))
         except (OSError, SafetensorError) as e:
             raise RefFaceError(f"cannot read the weights {weights_file}: {e}") from None
+        if problems := weight_value_problems(state):
+            raise RefFaceError(listing(f"{weights_file} holds unusable weights (convert the model again)", problems))
         with torch.device("meta"):
             model = cls(config["unet"], config["vq"], config.get("context"))
         model.load_weights(state, source=str(weights_file))
@@ -168,7 +170,7 @@ class RefFaceRestorer(nn.Module):
         if layout == "separate":
             return self.encode(images.reshape(b * n, c, h, w)).unflatten(0, (b, n))
         if layout != "strip":
-            raise ValueError(f"layout must be 'strip' or 'separate', got {layout!r}")
+            raise RefFaceError(f"layout must be 'strip' or 'separate', got {layout!r}")
         strip = self.encode(images.permute(0, 2, 3, 1, 4).reshape(b, c, h, n * w))
         return strip.unflatten(3, (n, strip.shape[3] // n)).permute(0, 3, 1, 2, 4).contiguous()
 
@@ -275,6 +277,7 @@ class RefFaceRestorer(nn.Module):
         """Restore latents. ``ref_latents`` is [B,N,C,h,w]; ``ref_slots`` repeats references to that many slots;
         ``ref_tokens`` [B,N,L,D] are the references' Composite Context tokens, weighted by ``context_scale``."""
         branches = make_branches(guidance, ref_latents.shape[1], scale, s_i, s_c, ref_slots)
+        check_number("context_scale", context_scale)
         if x_T is None:
             x_T = torch.randn(lq_latent.shape, generator=generator, dtype=torch.float32)
         solve = make_solver(solver, steps, spacing, eta, generator)
@@ -340,6 +343,7 @@ class RefFaceRestorer(nn.Module):
         """``restore`` once per seed, as one batch: the LQ encoding and the references' CacheKV are computed once,
         and each candidate starts from the noise its seed gives alone (with eta > 0, the later noise is drawn for
         the batch from the first seed's generator)."""
+        check_seeds(seeds)
         if not isinstance(references, CompositeContext):
             references = self.encode_context(references, identity, farl, ref_layout)
         lq_latent = self.encode(to_model_tensor(lq_face, self.image_size))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import cycle, islice
 
-from ..choices import GUIDANCES
+from ..choices import GUIDANCES, MAX_REF_SLOTS
+from ..errors import RefFaceError, check_number
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,16 @@ def make_branches(
     guidance: str, num_refs: int, scale: float, s_i: float, s_c: float, slots: int | None = None
 ) -> list[Branch]:
     if num_refs < 1:
-        raise ValueError("guidance needs at least one reference")
-    if slots is not None and slots < 1:
-        raise ValueError(f"reference slots must be at least 1, got {slots}")
+        raise RefFaceError("guidance needs at least one reference")
+    if slots is not None and not 1 <= slots <= MAX_REF_SLOTS:
+        raise RefFaceError(f"reference slots must be between 1 and {MAX_REF_SLOTS}, got {slots}")
+    for name, value in (("guidance scale", scale), ("s_i", s_i), ("s_c", s_c)):
+        check_number(name, value)
     if guidance == "refldm":
         return refldm_branches(num_refs, scale, slots)
     if guidance == "multi_reference":
         return multi_reference_branches(num_refs, s_i, s_c, slots)
-    raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+    raise RefFaceError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
 
 
 def _nonzero(branches: list[Branch]) -> list[Branch]:

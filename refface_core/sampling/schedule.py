@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..choices import SPACINGS
+from ..errors import RefFaceError
 
 TRAIN_STEPS = 1000
 
@@ -26,12 +27,12 @@ def ddim_timesteps(steps: int, spacing: str) -> torch.Tensor:
     here the count is always ``steps``. The two agree whenever ``steps`` divides 1000.
     """
     if not 0 < steps <= TRAIN_STEPS:
-        raise ValueError(f"steps must be in 1..{TRAIN_STEPS}, got {steps}")
+        raise RefFaceError(f"steps must be in 1..{TRAIN_STEPS}, got {steps}")
     offsets = torch.arange(steps) * (TRAIN_STEPS // steps)
     if spacing == "uniform":
         if steps == TRAIN_STEPS:
-            raise ValueError(f"'uniform' spacing allows at most {TRAIN_STEPS - 1} steps (it starts at t=1)")
+            raise RefFaceError(f"'uniform' spacing allows at most {TRAIN_STEPS - 1} steps (it starts at t=1)")
         return offsets + 1
     if spacing == "uniform_trailing":
         return (TRAIN_STEPS - offsets).flip(0) - 1
-    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    raise RefFaceError(f"spacing must be one of {SPACINGS}, got {spacing!r}")

@@ -9,6 +9,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ..choices import SOLVERS
+from ..errors import RefFaceError, check_number
 from .schedule import TRAIN_STEPS, ddim_timesteps, refldm_alphas_cumprod, refldm_betas
 
 
@@ -70,10 +71,11 @@ class DPMSolverPP:
 def make_solver(
     name: str, steps: int, spacing: str, eta: float = 0.0, generator: torch.Generator | None = None
 ) -> Solver:
+    check_number("eta", eta, low=0)
     if name == "ddim":
         return DDIM(steps, spacing, eta, generator)
     if name == "dpmpp_2m":
         if eta != 0:
-            raise ValueError("eta applies to the ddim solver only")
+            raise RefFaceError("eta applies to the ddim solver only")
         return DPMSolverPP(steps, spacing)
-    raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+    raise RefFaceError(f"solver must be one of {SOLVERS}, got {name!r}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,12 +99,18 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RefFaceError(f"cannot read the training config {path}: {e}") from None
+    raw = _mapping({} if raw is None else raw, f"the training config {path}")
     raw = {**raw, **(overrides or {})}
-    data = _build(DataConfig, raw.pop("data", None) or {}, "data.")
-    config = _build(TrainConfig, {**raw, "data": data}, "")
+    data_values = raw.pop("data", None)
+    data_values = _mapping({} if data_values is None else data_values, f"`data:` in {path}")
+    problems: list[str] = []  # values of the wrong type, all named at once
+    data = _build(DataConfig, data_values, "data.", problems)
+    config = _build(TrainConfig, {**raw, "data": data}, "", problems)
+    if problems:
+        raise RefFaceError("the training config has problems:\n  " + "\n  ".join(problems))
     base = path.parent
     for owner, names in (
         (config, ("model", "output", "arcface", "farl")),
@@ -118,12 +126,47 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     return config
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """YAML can hold a list or a bare word where keys are expected: say so rather than fail on it later."""
+    if not isinstance(value, dict):
+        raise RefFaceError(f"{what} must be a mapping (`key: value` lines), got a {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """The dataclass from YAML values, each checked against its field's annotation (the one place the types live);
+    a value of the wrong type is added to ``problems``."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(str(k) for k in values if k not in hints)
     if unknown:
         raise RefFaceError(f"unknown training config keys: {', '.join(prefix + k for k in unknown)}")
+    typed = {
+        name: value if dataclasses.is_dataclass(hints[name]) else _typed(prefix + name, hints[name], value, problems)
+        for name, value in values.items()
+    }
     try:
-        return cls(**values)
+        return cls(**typed)
     except TypeError as e:  # a required key is missing
         raise RefFaceError(f"the training config is incomplete: {e}") from None
+
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+
+
+def _typed(key: str, hint: Any, value: Any, problems: list[str]) -> Any:
+    """``value`` as the field's type, or a problem naming ``key``. PyYAML (YAML 1.1) reads 5e-5 without a dot as
+    text, so a float field takes a numeric string, and an int; bool, an int subclass, is never a number; NaN and
+    infinity are never settings."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is float and (isinstance(value, str) or type(value) is int):
+        try:
+            value = float(value)
+        except (ValueError, OverflowError):
+            pass  # named below, as any other wrong type
+    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+        null = " or null" if type(None) in kinds else ""
+        problems.append(f"{key} must be {KINDS[kind]}{null}, got {value!r} ({type(value).__name__})")
+    return value

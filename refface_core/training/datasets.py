@@ -17,7 +17,9 @@ from __future__ import annotations
 import ast
 import csv as csv_module
 import hashlib
+import io
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,26 +238,26 @@ class FFHQRefDataset(_ReferenceDataset):
         if not root.is_dir():
             raise RefFaceError(f"image folder not found: {root}")
         keep = _read_split(Path(split)) if split is not None else None
-        with csv.open(newline="", encoding="utf-8") as stream:
-            reader = csv_module.DictReader(stream)
-            needed = ["gt_image", "ref_image"] + (["lq_image"] if use_lq_images else [])
-            missing = [c for c in needed if c not in (reader.fieldnames or [])]
-            if missing:
-                raise RefFaceError(f"{csv} lacks the column(s) {', '.join(missing)}; it has {reader.fieldnames}")
-            for row in reader:
-                where = f"{csv.name} line {reader.line_num}"
-                gt = (row["gt_image"] or "").strip()
-                if keep is not None and gt not in keep and Path(gt).name not in keep:
-                    continue
-                entry = self._entry(row, where, root, lq_root if use_lq_images else None)
-                if entry is not None:
-                    self.entries.append(entry)
+        columns, rows = _read_csv(csv)
+        needed = ["gt_image", "ref_image"] + (["lq_image"] if use_lq_images else [])
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise RefFaceError(f"{csv} lacks the column(s) {', '.join(missing)}; it has {columns}")
+        for line, row in rows:
+            where = f"{csv.name} line {line}"
+            gt = (row["gt_image"] or "").strip()
+            if keep is not None and gt not in keep and Path(gt).name not in keep:
+                continue
+            entry = self._entry(row, where, root, lq_root if use_lq_images else None)
+            if entry is not None:
+                self.entries.append(entry)
         if keep is not None and not self.entries and not self.problems:
             raise RefFaceError(f"no target image of {csv} is listed in the split file {split}")
         self._check_not_empty(str(csv))
 
     def _entry(self, row: dict[str, str], where: str, root: Path, lq_root: Path | None) -> Entry | None:
-        """The row as an Entry, or None (after ``_bad``) when a file is missing or the reference list is malformed."""
+        """The row as an Entry, or None (after ``_bad``) when a file is missing, outside its folder, or the reference
+        list is malformed."""
         gt = (row["gt_image"] or "").strip()
         if not gt:
             self._bad(f"{where}: empty gt_image")
@@ -267,6 +269,17 @@ class FFHQRefDataset(_ReferenceDataset):
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
             self._bad(f"{where} ({gt}): ref_image is not a non-empty list of file names: {row['ref_image']!r}")
             return None
+        lq_name = (row.get("lq_image") or "").strip()
+        named = [("gt_image", gt, root), *(("ref_image", n, root) for n in names)]
+        if lq_root is not None and lq_name:
+            named.append(("lq_image", lq_name, lq_root))
+        for column, name, folder in named:
+            if not _within(name):
+                self._bad(
+                    f"{where} ({gt}): {column} {name!r} is not inside {folder}; the CSV names files relative to "
+                    "data.root (lq_image: data.lq_root), so put the images there and name them relative to it"
+                )
+                return None
         target = _find(root, gt)
         if not target.is_file():
             self._bad(f"{where}: target image not found: {target}")
@@ -278,18 +291,49 @@ class FFHQRefDataset(_ReferenceDataset):
             return None
         lq = None
         if lq_root is not None:
-            lq = lq_root / (row.get("lq_image") or "").strip()
-            if not (row.get("lq_image") or "").strip() or not lq.is_file():
+            lq = lq_root / lq_name
+            if not lq_name or not lq.is_file():
                 self._bad(f"{where} ({gt}): LQ image not found: {lq}")
                 return None
         return Entry(gt, target, tuple(refs), lq)
+
+
+def _within(name: str) -> bool:
+    """Whether a file name from the CSV stays inside the folder it is relative to: neither absolute nor climbing out
+    with ``..``. Symbolic links inside the folder are the user's own and are followed."""
+    normal = os.path.normpath(name)
+    return not os.path.isabs(normal) and normal != os.pardir and not normal.startswith(os.pardir + os.sep)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The CSV's columns and its rows with their line numbers; a file that is not UTF-8 text, or that the csv module
+    cannot parse, is an error naming the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RefFaceError(f"cannot read the FFHQ-Ref CSV {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RefFaceError(f"{path} line {line} is not UTF-8 text ({e.reason}); save the CSV as UTF-8") from None
+    reader = csv_module.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv_module.Error as e:  # e.g. a field past the size limit, most often from a quote left open
+        line = reader.line_num + 1  # DictReader's is the last line of the last row it read: the bad row starts next
+        raise RefFaceError(f"{path} line {line} is not readable CSV ({e}); check that its quotes are closed") from None
+    return list(reader.fieldnames or []), rows
 
 
 def _read_split(path: Path) -> set[str]:
     """The image names of an identity-based split file: one name a line."""
     if not path.is_file():
         raise RefFaceError(f"split file not found: {path}")
-    names = {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    try:
+        names = {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    except UnicodeDecodeError as e:
+        raise RefFaceError(f"split file {path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     if not names:
         raise RefFaceError(f"split file lists no images: {path}")
     return names

@@ -266,6 +266,27 @@ def save_checkpoint(
     tmp.rename(folder)
 
 
+def export_whole(model: RefFaceRestorer, final: Path) -> None:
+    """``model`` saved beside ``final`` and renamed into place, so ``final`` is either whole or absent; a folder that
+    is already there (put there during the run: train() refuses one up front) is never replaced."""
+    tmp = final.with_name(final.name + ".partial")  # a leftover is an export that did not finish
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+    except OSError as e:
+        raise RefFaceError(
+            f"cannot write the trained model to {tmp} ({e.strerror or e}); make room, then run again with --resume: "
+            "the last checkpoint holds it"
+        ) from None
+    try:
+        tmp.rename(final)
+    except OSError as e:
+        raise RefFaceError(
+            f"cannot put the trained model in place as {final} ({e.strerror}); it is saved whole as {tmp}: move it "
+            f"elsewhere, as the next run into {final.parent} deletes that folder"
+        ) from None
+
+
 def load_checkpoint(
     folder: Path, params: dict[str, nn.Parameter], ema: EMA, optimizer: torch.optim.Optimizer, run: dict[str, Any]
 ) -> dict[str, Any]:
@@ -433,6 +454,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
     main = accelerator.is_main_process
     if not resume and latest_checkpoint(output):
         raise RefFaceError(f"{output} already has checkpoints: continue with --resume, or choose a new output folder")
+    final = output / "final"
+    if final.exists():  # found now, not after the run: the export never replaces a model
+        raise RefFaceError(
+            f"{final} holds the model of an earlier run, which this run would replace: move it away "
+            f"(e.g. `mv {final} {output / 'final-earlier'}`) or train into another output folder"
+        )
 
     def say(message: str) -> None:
         if main:
@@ -526,14 +553,19 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
                     save_image(sample_grid(unwrapped, preview, config), output / "samples" / f"step_{done:07d}.png")
     bar.close()
     shadow = gathered(ema.shadow, keep=main)
-    final = output / "final"
     if main:  # the base model with the EMA of the trained weights
         export = RefFaceRestorer.from_pretrained(config.model)
         with torch.no_grad():
             for name, value in shadow.items():
                 export.get_parameter(name).copy_(value)
-        export.save_pretrained(final)
+        export_whole(export, final)
         say(f"exported {final}" + (f"; {len(problems)} samples were skipped" if problems else ""))
     accelerator.wait_for_everyone()
+    # DDP's reducer must not hold the last reference to the process group: it frees it with the GIL held, and gloo's
+    # destructor then joins its worker threads, one of which may still need the GIL to free a finished collective's
+    # tensors (a deadlock at exit, seen under load). Freed first, the group goes in end_training's
+    # destroy_process_group, which lets go of the GIL.
+    del model, optimizer
+    accelerator.free_memory()  # and accelerate's references to them
     accelerator.end_training()
     return final if main else None
