@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from refface_core import RefFaceError
-from refface_core.faces import FaceAnalysis, find_faces, prepare_references
+from refface_core.faces import FaceAnalysis, check_threshold, find_faces, prepare_references
 from refface_core.images import IMAGE_SUFFIXES, load_image
 
 from .runtime import to_arrays, to_image
@@ -35,13 +35,29 @@ def folder_photos(folder: str) -> list[Path]:
     if not path.is_dir():
         raise RefFaceError(f"reference folder not found: {path} (put the photos in a folder inside {inputs})")
     photos = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for photo in photos:  # as for the folder: a link may not lead out of the input folder
+        target = photo.resolve()
+        if not target.is_relative_to(inputs):
+            raise RefFaceError(f"{photo.name} in the reference folder links to {target}, outside ComfyUI's input "
+                               f"folder {inputs}; copy the photo into the folder instead")  # fmt: skip
+        if not target.is_file():
+            raise RefFaceError(f"{photo.name} in the reference folder {path} is not a file (a broken link?)")
     if not photos:
         raise RefFaceError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in the reference folder {path}")
     return photos
 
 
+def slot_number(name: str) -> int:
+    """Where an Autogrow input ``reference<N>`` goes in the order."""
+    number = name.removeprefix("reference")
+    if not number.isdigit():
+        raise RefFaceError(f"unexpected reference input {name!r}: the inputs are named reference0, reference1, ...")
+    return int(number)
+
+
 def same_person_threshold(analysis: FaceAnalysis, threshold: float) -> float:
     """The node's threshold, -1 meaning the face model's own."""
+    check_threshold(threshold)
     return analysis.same_person_threshold if threshold < 0 else threshold
 
 
@@ -95,7 +111,7 @@ class LoadReferenceFaces(io.ComfyNode):
         """Run again when the folder's photos change (ComfyUI caches on inputs otherwise)."""
         try:
             return "|".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in folder_photos(folder)) if folder else ""
-        except RefFaceError:
+        except (RefFaceError, OSError):  # execute will say what is wrong
             return ""
 
     @classmethod
@@ -108,7 +124,7 @@ class LoadReferenceFaces(io.ComfyNode):
         references: dict[str, torch.Tensor | None] | None = None,
     ) -> io.NodeOutput:
         photos, names = [], []
-        for slot in sorted(references or {}, key=lambda name: int(name.removeprefix("reference"))):
+        for slot in sorted(references or {}, key=slot_number):
             if references[slot] is not None:
                 batch = to_arrays(references[slot])
                 photos += batch

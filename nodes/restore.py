@@ -156,7 +156,8 @@ class CropFaces(io.ComfyNode):
         identity: Identity | None = None,
     ) -> io.NodeOutput:
         crops, affines, sources, boxes = [], [], [], []
-        for i, photo in enumerate(to_arrays(image)):
+        photos = to_arrays(image)
+        for i, photo in enumerate(photos):
             found, targets = choose(face_analysis, photo, identity, select, threshold, log.info)
             similarity = found.similarity
             boxes.append([box(found.faces[k], None if similarity is None else similarity[k]) for k in targets])
@@ -167,7 +168,7 @@ class CropFaces(io.ComfyNode):
                 sources.append(i)
         if not crops:
             raise RefFaceError(f"no face to crop in any of the {len(boxes)} images (select: {select})")
-        return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size), boxes)
+        return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size, [p.shape[:2] for p in photos]), boxes)
 
 
 def choose(
@@ -217,8 +218,11 @@ class PasteFaces(io.ComfyNode):
         photos, restored = to_arrays(image), to_arrays(faces)
         if len(restored) != len(crops.affines):
             raise RefFaceError(f"{len(restored)} faces to paste, but Crop Faces made {len(crops.affines)} crops")
-        if max(crops.image_index, default=-1) >= len(photos):
-            raise RefFaceError("these crops came from a larger batch of photos than the one given")
+        if [p.shape[:2] for p in photos] != crops.photo_sizes:
+            sizes = ", ".join(f"{w}×{h}" for h, w in crops.photo_sizes)
+            got = ", ".join(f"{p.shape[1]}×{p.shape[0]}" for p in photos)
+            raise RefFaceError(f"the crops came from photos of {sizes}, but the image given is {got}: give Paste "
+                               "Faces Back the image that Crop Faces cropped")  # fmt: skip
         masks = [np.zeros(p.shape[:2], np.float32) for p in photos]
         for face, affine, i in zip(restored, crops.affines, crops.image_index, strict=True):
             photos[i] = paste_back(photos[i], face, affine, crops.size)

@@ -113,8 +113,8 @@ def load_on_device(*models: Offloadable) -> list[torch.nn.Module]:
 
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
     """IMAGE [B,H,W,C] floats in 0..1 -> RGB uint8 arrays."""
-    if images.dim() != 4 or not images.numel():
-        raise RefFaceError(f"expected a batch of images [B,H,W,C], got shape {tuple(images.shape)}")
+    if images.dim() != 4 or not images.numel() or images.shape[-1] < 3:
+        raise RefFaceError(f"expected a batch of RGB images [B,H,W,3], got shape {tuple(images.shape)}")
     return list(check_finite(images)[..., :3].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
 
 

@@ -27,3 +27,4 @@ class FaceCrops:
     affines: list[np.ndarray]  # photo -> crop
     image_index: list[int]  # which image of the batch
     size: int  # the crop size the affines were made for
+    photo_sizes: list[tuple[int, int]]  # (height, width) of each image of the batch

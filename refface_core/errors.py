@@ -17,12 +17,13 @@ class Cancelled(RefFaceError):
     """Sampling was stopped by the cancel hook."""
 
 
-def check_number(name: str, value: float, low: float | None = None) -> None:
-    """A finite number (at least ``low``): NaN or inf would give black faces, silently."""
+def check_number(name: str, value: float, low: float = -math.inf, high: float = math.inf) -> None:
+    """A finite number from ``low`` to ``high``: NaN or inf would give black faces, silently."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
         raise RefFaceError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and value < low:
-        raise RefFaceError(f"{name} must be at least {low:g}, got {value:g}")
+    if not low <= value <= high:
+        bounds = f"from {low:g} to {high:g}" if math.isfinite(high) else f"at least {low:g}"
+        raise RefFaceError(f"{name} must be {bounds}, got {value:g}")
 
 
 def check_seeds(seeds: Sequence[int]) -> None:

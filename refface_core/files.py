@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -29,10 +31,37 @@ def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def write_folder_atomic(folder: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp_folder)`` beside ``folder``, then rename: the folder appears whole or not at all (a model folder's
+    weights and config belong together). ``folder`` must not exist yet."""
+    remove_stale_temporaries(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp"))  # 0700
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        tmp.rename(folder)
+    except OSError as e:
+        raise RefFaceError(f"cannot write {folder}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def path_kind(path: Path) -> str:
+    """ "folder", "file", "missing" or "other"; a path that cannot be looked at (a folder on the way that this user
+    may not enter) is a RefFaceError, where pathlib's is_dir() and exists() would raise PermissionError."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        raise RefFaceError(f"cannot access {path}: {e.strerror}") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
 def check_writable_folder(folder: Path) -> None:
     """``folder``, or the parent it would be made in, must be a folder this process can write in."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
+    existing = next(p for p in (folder, *folder.parents) if path_kind(p) != "missing" or p == p.parent)
+    if path_kind(existing) != "folder":
         raise RefFaceError(f"cannot write into {folder}: {existing} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=existing).close()  # permissions, read-only disks and ACLs: only trying tells
@@ -41,11 +70,14 @@ def check_writable_folder(folder: Path) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``path`` whose writer is no longer running."""
+    """Delete the temporary files (or folders) of ``path`` whose writer is no longer running."""
     for tmp in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
-        pid = Path(tmp).name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not process_running(int(pid)):
-            Path(tmp).unlink(missing_ok=True)
+        ours = re.fullmatch(r"(\d+)\.[a-z0-9_]{8}\.tmp", Path(tmp).name[len(path.name) + 2 :])  # mkstemp's 8
+        if ours and not process_running(int(ours[1])):  # not another file's, such as .a.png.2.png.<pid>....tmp
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def process_running(pid: int) -> bool:

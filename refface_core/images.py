@@ -16,12 +16,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import RefFaceError
-from .files import check_writable_folder, write_atomic
+from .files import check_writable_folder, path_kind, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what folders of photos may hold
 DEEP_FORMATS = ("PNG", "TIFF")  # formats that keep 16 bits per channel
 MIN_SIDE = 16  # px: the smallest photo that can hold a face (5 px between the eyes)
-EXIF_ORIENTATION, EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x0112, 0x010E, 0x0131
+EXIF_ORIENTATION, EXIF_DESCRIPTION, EXIF_SOFTWARE, EXIF_IFD, EXIF_MAKER_NOTE = 0x0112, 0x010E, 0x0131, 0x8769, 0x927C
+JPEG_EXIF_LIMIT = 65_000  # a JPEG's EXIF segment holds at most 64 KB
 READ_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
 
 
@@ -44,9 +45,10 @@ def load_photo(path: str | os.PathLike) -> Photo:
     if not isinstance(path, (str, os.PathLike)):
         raise RefFaceError(f"expected an image file's path, got {type(path).__name__}")
     path = Path(path)
-    if path.is_dir():
+    kind = path_kind(path)
+    if kind == "folder":
         raise RefFaceError(f"{path} is a folder, not an image")
-    if not path.is_file():
+    if kind != "file":
         raise RefFaceError(f"image not found: {path}")
     try:
         with warnings.catch_warnings():
@@ -61,6 +63,8 @@ def _read(path: Path) -> Photo:
         deep = im.format in DEEP_FORMATS and _is_deep(im)  # before the pixels load, while PIL tells how it reads them
         upright = ImageOps.exif_transpose(im)
         exif, icc = upright.getexif(), im.info.get("icc_profile")
+        if icc and icc[16:20] != b"RGB ":  # a grey or CMYK file's profile does not describe the RGB pixels read
+            icc = None
         pixels = _deep_pixels(path) if deep else None
         if pixels is None:
             if upright.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -117,9 +121,9 @@ def check_output_path(path: str | os.PathLike) -> str:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt not in Image.SAVE or fmt in ("XBM", "PALM", "PDF", "EPS"):
         raise RefFaceError(f"unknown image extension {path.suffix!r} for {path}; use .png or .jpg")
-    if path.is_dir():
+    if path_kind(path) == "folder":
         raise RefFaceError(f"{path} is a folder; give a file name for the image")
-    if not path.parent.exists():
+    if path_kind(path.parent) == "missing":
         raise RefFaceError(f"output folder does not exist: {path.parent}")
     check_writable_folder(path.parent)
     return fmt
@@ -140,16 +144,15 @@ def save_image(
     pixels = np.asarray(image)
     if pixels.dtype == np.uint16 and fmt not in DEEP_FORMATS:
         pixels = to_8bit(pixels)
-    copy = Image.Exif()  # the caller's stays as it is
-    if exif is not None:
-        copy.load(exif.tobytes())
-    exif, text = copy, None
-    if provenance is not None:
-        text = json.dumps(provenance, ensure_ascii=True)
-        exif[EXIF_SOFTWARE] = provenance.get("software", "RefFace")
-        exif[EXIF_DESCRIPTION] = text
+    text = None if provenance is None else json.dumps(provenance, ensure_ascii=True)
+    software = "RefFace" if provenance is None else provenance.get("software", "RefFace")
+    exif = _exif_with(exif, software, text)
+    if fmt == "JPEG" and len(exif.tobytes()) > JPEG_EXIF_LIMIT:  # a camera's MakerNote can fill the EXIF segment
+        exif.get_ifd(EXIF_IFD).pop(EXIF_MAKER_NOTE, None)
+        if len(exif.tobytes()) > JPEG_EXIF_LIMIT:
+            exif = _exif_with(None, software, text)
     if pixels.dtype == np.uint16:
-        write = _deep_writer(pixels, fmt, exif, icc, text)
+        write = _deep_writer(pixels, fmt, exif, icc, text, software)
     else:
         options: dict[str, Any] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
         if len(exif) and fmt in ("JPEG", "WEBP", "TIFF", "PNG"):
@@ -158,7 +161,7 @@ def save_image(
             options["icc_profile"] = icc
         if text is not None and fmt == "PNG":
             options["pnginfo"] = PngInfo()
-            options["pnginfo"].add_text("Software", exif[EXIF_SOFTWARE])
+            options["pnginfo"].add_text("Software", software)
             options["pnginfo"].add_text("refface", text)
         picture = image if isinstance(image, Image.Image) else Image.fromarray(pixels)
 
@@ -171,14 +174,25 @@ def save_image(
         raise RefFaceError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _deep_writer(pixels: np.ndarray, fmt: str, exif: Image.Exif, icc: bytes | None, text: str | None) -> Any:
+def _exif_with(exif: Image.Exif | None, software: str, text: str | None) -> Image.Exif:
+    """A copy of ``exif`` (the caller's stays as it is) recording the provenance ``text``."""
+    copy = Image.Exif()
+    if exif is not None:
+        copy.load(exif.tobytes())
+    if text is not None:
+        copy[EXIF_SOFTWARE], copy[EXIF_DESCRIPTION] = software, text
+    return copy
+
+
+def _deep_writer(
+    pixels: np.ndarray, fmt: str, exif: Image.Exif, icc: bytes | None, text: str | None, software: str
+) -> Any:
     """Writes 16-bit RGB, which PIL cannot: OpenCV encodes it, and the metadata goes in as PNG chunks or TIFF tags."""
     import cv2
 
     if fmt == "TIFF":
         import tifffile
 
-        software = exif.get(EXIF_SOFTWARE)
         return lambda tmp: tifffile.imwrite(
             tmp,
             pixels,
@@ -198,7 +212,7 @@ def _deep_writer(pixels: np.ndarray, fmt: str, exif: Image.Exif, icc: bytes | No
     if len(exif):
         chunks.append(_png_chunk(b"eXIf", exif.tobytes().removeprefix(b"Exif\0\0")))  # PNG's has no header
     if text is not None:
-        chunks.append(_png_chunk(b"tEXt", b"Software\0" + str(exif[EXIF_SOFTWARE]).encode("latin-1", "replace")))
+        chunks.append(_png_chunk(b"tEXt", b"Software\0" + software.encode("latin-1", "replace")))
         chunks.append(_png_chunk(b"tEXt", b"refface\0" + text.encode("ascii")))
     data = encoded.tobytes()
     header_end = 8 + 8 + 13 + 4  # signature, then IHDR (length, type, 13 bytes, CRC): the chunks go right after it

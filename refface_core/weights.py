@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import RefFaceError
-from .files import check_writable_folder, process_running
+from .files import check_writable_folder, write_folder_atomic
 
 if TYPE_CHECKING:
     import requests
@@ -80,7 +79,10 @@ def download(url: str, target: Path, progress: ByteProgress | None = None) -> No
         raise RefFaceError(f"cannot write {part}: {e.strerror or e}") from None
     if total is not None and have != total:
         raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); run it again to resume")
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as e:
+        raise RefFaceError(f"cannot move {part} to {target}: {e.strerror}") from None
 
 
 def _content_range_total(response: requests.Response, start: int | None = None) -> int | None:
@@ -106,17 +108,13 @@ def download_model(
     again. The model folder appears whole or not at all."""
     folder = Path(folder) if folder is not None else refface_home() / "models"
     model_dir = folder / MODEL_NAME
+    check_writable_folder(folder)
     if (model_dir / "config.json").is_file():
         log(f"{model_dir} is already there")
         return model_dir
     if model_dir.exists():
         raise RefFaceError(f"{model_dir} exists but is not a RefFace model; move it away and run this again")
-    check_writable_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{MODEL_NAME}.partial-*"):  # left by a conversion that was killed
-        pid = stale.name.rpartition("-")[2]
-        if not (pid.isdigit() and process_running(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
     log(LICENCE)
     base = download_base()
     fetched = []
@@ -147,11 +145,4 @@ def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> No
         model = convert_refldm(*states)
     except RefFaceError as e:  # not ReF-LDM's checkpoints
         raise RefFaceError(f"{e} (checkpoints from {download_base()} in {folder})") from None
-    partial = folder / f".{MODEL_NAME}.partial-{os.getpid()}"
-    try:
-        model.save_pretrained(partial)
-        os.replace(partial, model_dir)
-    except OSError as e:
-        raise RefFaceError(f"cannot write the model into {folder}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    write_folder_atomic(model_dir, model.save_pretrained)

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +101,18 @@ def test_cli_converts_files_and_uses_ema(tmp_path, golden, tiny_checkpoint, fmt,
     assert main([*args, "--num-head-channels", "8", "--no-ema", "--out", str(tmp_path / "raw")]) == 0
     raw_model = RefFaceRestorer.from_pretrained(tmp_path / "raw")
     assert torch.equal(raw_model.unet.conv_in.weight, unet["model.diffusion_model.input_blocks.0.0.weight"])
+    assert not list(tmp_path.glob(".*.tmp"))  # written beside, then renamed into place
+
+    before = (out / "model.safetensors").read_bytes()
+    (tmp_path / "a_file").write_text("x")
+    for target, message in [
+        (out, "--out .*model exists; move it away or give a new folder"),
+        (tmp_path / "a_file" / "model", "a_file is a file, not a folder"),
+        (Path("/proc/model"), "cannot write into /proc"),
+    ]:
+        assert main([*args, "--num-head-channels", "8", "--out", str(target)]) == 1
+        assert re.search(message, capsys.readouterr().err)
+    assert (out / "model.safetensors").read_bytes() == before  # the existing model is untouched
 
 
 def test_errors_list_every_problem(tiny_checkpoint):

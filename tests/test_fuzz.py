@@ -17,7 +17,7 @@ from support import tiny_restorer
 from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.cli import main
 from refface_core.faces import find_faces, load_face_analysis, prepare_references
-from refface_core.images import load_image
+from refface_core.images import load_image, save_image
 from refface_core.pipeline import restore_photo
 
 DATA = Path(__file__).parent / "data" / "faces"
@@ -35,9 +35,13 @@ def random_file(rng: np.random.Generator, folder: Path, k: int) -> Path:
         header = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"II*\x00"][rng.integers(4)]
         path.write_bytes(header + rng.bytes(int(rng.integers(0, 3000))))
         return path
-    if rng.random() < 0.3:  # a real face, shrunk and squeezed
+    if rng.random() < 0.4:  # a real face, shrunk and squeezed, sometimes as a 16-bit scan
         w, h = int(rng.integers(8, 300)), int(rng.integers(8, 300))
         image = load_image(DATA / ["obama.jpg", "macron_1.jpg", "ardern_1.jpg"][rng.integers(3)]).resize((w, h))
+        if rng.random() < 0.3:
+            deep = folder / f"f{k}{['.png', '.tif'][rng.integers(2)]}"
+            save_image(np.asarray(image).astype(np.uint16) * 257, deep)
+            return deep
     else:
         w, h = SIZES[rng.integers(len(SIZES))]
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -13,7 +13,7 @@ from refface_core import RefFaceError
 from refface_core.cli import main
 from refface_core.faces import find_faces, load_face_analysis, prepare_references
 from refface_core.files import write_atomic
-from refface_core.images import load_image, save_image
+from refface_core.images import load_image, load_photo, save_image
 
 
 def test_modes_become_rgb(tmp_path):
@@ -73,12 +73,13 @@ def test_an_interrupted_save_leaves_no_temporary_file_and_a_killed_ones_is_remov
     with pytest.raises(KeyboardInterrupt):
         write_atomic(target, interrupted)
     assert target.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
-    killed = tmp_path / ".out.png.999999999.abcd.tmp"  # a process that is gone (pids stay below 2**22)
-    alive = tmp_path / f".out.png.{os.getpid()}.efgh.tmp"  # one still writing
-    killed.write_bytes(b"half")
-    alive.write_bytes(b"half")
+    killed = tmp_path / ".out.png.999999999.abcd1234.tmp"  # a process that is gone (pids stay below 2**22)
+    alive = tmp_path / f".out.png.{os.getpid()}.efgh5678.tmp"  # one still writing
+    other = tmp_path / ".out.png.2.png.999999999.abcdefgh.tmp"  # out.png.2.png's, being written
+    for path in (killed, alive, other):
+        path.write_bytes(b"half")
     save_image(Image.new("RGB", (4, 4)), target)
-    assert not killed.exists() and alive.exists()
+    assert not killed.exists() and alive.exists() and other.exists()
 
 
 def test_sigterm_while_saving_unwinds_and_removes_the_temporary_file(tmp_path, monkeypatch, capsys):
@@ -96,8 +97,8 @@ def test_sigterm_while_saving_unwinds_and_removes_the_temporary_file(tmp_path, m
     before = signal.getsignal(signal.SIGTERM)
     argv = ["restore", "--aligned", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lq.png"),
             "--ref", str(tmp_path / "ref.png"), "--out", str(tmp_path / "out.png"), "--steps", "1"]  # fmt: skip
-    assert main(argv) == 130
-    assert "refface: interrupted" in capsys.readouterr().err
+    assert main(argv) == 143
+    assert "refface: terminated" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists() and not list(tmp_path.glob(".*.tmp"))
     assert signal.getsignal(signal.SIGTERM) == before  # main puts the handler back
 
@@ -122,3 +123,36 @@ def test_photos_given_to_the_api_are_checked(image, message):
 def test_an_empty_reference_list_is_refused():
     with pytest.raises(RefFaceError, match="no reference photos given"):
         prepare_references(load_face_analysis(), [], 64)
+
+
+def test_a_folder_this_user_cannot_enter_is_one_line(tmp_path, monkeypatch):
+    """Python 3.11's is_dir() and exists() raise PermissionError there; RefFace says what it is."""
+    locked = tmp_path / "locked"
+    real_stat = Path.stat
+
+    def stat(self, **kwargs):
+        if self.is_relative_to(locked):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(RefFaceError, match="cannot access .*locked/photo.jpg: Permission denied"):
+        load_image(locked / "photo.jpg")
+    with pytest.raises(RefFaceError, match="cannot access .*locked/out.png: Permission denied"):
+        save_image(Image.new("RGB", (4, 4)), locked / "out.png")
+
+
+def test_a_camera_makernote_too_big_for_jpeg_is_dropped_and_other_profiles_not_carried(tmp_path):
+    from PIL import ImageCms
+
+    exif = Image.Exif()
+    exif[0x010F] = "Kodak"
+    exif.get_ifd(0x8769)[0x927C] = b"m" * 65_000  # a MakerNote filling the JPEG's EXIF segment
+    save_image(np.zeros((20, 20, 3), np.uint8), tmp_path / "out.jpg", {"software": "RefFace"}, exif=exif)
+    with Image.open(tmp_path / "out.jpg") as im:
+        kept = im.getexif()
+        assert kept[0x010F] == "Kodak" and 0x927C not in kept.get_ifd(0x8769) and "RefFace" in kept[0x010E]
+
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    Image.new("L", (20, 20), 90).save(tmp_path / "grey.png", icc_profile=lab)
+    assert load_photo(tmp_path / "grey.png").icc is None  # it does not describe the RGB pixels read

@@ -59,6 +59,7 @@ def test_configs_refface_writes_pass():
         ("unet", "block_out_channels", [32, "64"], "unet.block_out_channels: item 1 must be a whole number"),
         ("unet", "down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"], 'item 1 must be "DownBlock2D" or'),
         ("unet", "in_channels", 12, "unet.in_channels: must be 16 for vq.vq_embed_dim 8, got 12"),
+        ("vq", "in_channels", 4, "vq.in_channels: must be a whole number from 3 to 3, got 4"),
         ("unet", "freq_shift", float("nan"), "unet.freq_shift: must be a number from 0 to 1, got NaN"),
         ("unet", "norm_eps", float("inf"), "unet.norm_eps: must be a number from 1e-12 to 0.1, got Infinity"),
         ("unet", "act_fn", "tanh", 'unet.act_fn: must be "silu" or'),

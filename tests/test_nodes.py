@@ -250,6 +250,30 @@ def test_reference_folder_inside_the_input_folder_and_its_fingerprint(pack, pers
     ]:
         with pytest.raises(Exception, match=problem):
             pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder=folder, keep=0, threshold=-1.0)
+    (album / "elsewhere.jpg").symlink_to(DATA / "obama.jpg")  # a file linked from outside the input folder
+    with pytest.raises(Exception, match="elsewhere.jpg in the reference folder links to .*outside ComfyUI's input"):
+        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="album", keep=0, threshold=-1.0)
+    (album / "elsewhere.jpg").unlink()
+    (album / "gone.jpg").symlink_to(album / "deleted.jpg")
+    assert cls.fingerprint_inputs(folder="album") == ""
+    with pytest.raises(Exception, match="gone.jpg in the reference folder .* is not a file"):
+        pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="album", keep=0, threshold=-1.0)
+    with pytest.raises(Exception, match="unexpected reference input 'photo': the inputs are named reference0"):
+        pack.run(
+            "RefFaceLoadReferences", face_analysis=person.analysis, references={"photo": image("macron_1")},
+            folder="", keep=0, threshold=-1.0,
+        )  # fmt: skip
+
+
+def test_paste_faces_refuses_a_photo_other_than_the_cropped_one(pack, person):
+    photo = image("macron_2")
+    faces, crops, _ = pack.run(
+        "RefFaceCropFaces", face_analysis=person.analysis, image=photo, select="largest", threshold=-1.0, size=64
+    )
+    with pytest.raises(Exception, match="the crops came from photos of 512×640, but the image given is 400×500"):
+        pack.run("RefFacePasteFaces", image=side_by_side("macron_2", "macron_2")[:, :, :400], faces=faces, crops=crops)
+    with pytest.raises(Exception, match=r"expected a batch of RGB images \[B,H,W,3\], got shape \(1, 640, 512, 1\)"):
+        pack.run("RefFacePasteFaces", image=photo[..., :1], faces=faces, crops=crops)
 
 
 def test_identity_of_another_face_model_is_refused(pack, person):
@@ -344,8 +368,11 @@ def test_fuzz_node_inputs_end_in_success_or_a_refface_error(pack, person):
     rng = np.random.default_rng(12)
     numbers = [float("nan"), float("inf"), -1.0, 0.0, 1.5, 65, 2**63, 1e9]
     photo = image("macron_2")
+    crop_faces, crops, _ = pack.run(
+        "RefFaceCropFaces", face_analysis=person.analysis, image=photo, select="largest", threshold=-1.0, size=64
+    )
     outcomes = {"ok": 0, "error": 0}
-    for _ in range(60):
+    for _ in range(80):
         if rng.random() < 0.4:
             picture = photo
         else:
@@ -362,13 +389,20 @@ def test_fuzz_node_inputs_end_in_success_or_a_refface_error(pack, person):
         for name in rng.choice(["scale", "s_i", "s_c", "context_scale", "ref_slots", "seed"], size=rng.integers(0, 2)):
             value = numbers[rng.integers(len(numbers))]
             options[str(name)] = int(value) if name in ("ref_slots", "seed") and math.isfinite(value) else value
-        node = rng.choice(["RefFaceRestorePhoto", "RefFaceCropFaces", "RefFaceRestore", "RefFaceIdentitySimilarity"])
-        common = dict(face_analysis=person.analysis, image=picture, threshold=-1.0)
+        node = rng.choice(["RefFaceRestorePhoto", "RefFaceCropFaces", "RefFaceRestore", "RefFaceIdentitySimilarity",
+                           "RefFacePasteFaces", "RefFaceLoadReferences"])  # fmt: skip
+        threshold = [-1.0, 0.3, float("nan"), 2.0][rng.integers(4)]
+        common = dict(face_analysis=person.analysis, image=picture, threshold=threshold)
+        slot = ["reference0", "reference7", "reference", "photo"][rng.integers(4)]
         inputs = {
             "RefFaceRestorePhoto": dict(model=person.model, context=person.context, select="all", **common, **options),
             "RefFaceCropFaces": dict(select="largest", size=64, **common),
             "RefFaceRestore": dict(model=person.model, context=person.context, faces=picture, **options),
             "RefFaceIdentitySimilarity": dict(identity=person.identity, **common),
+            "RefFacePasteFaces": dict(image=picture, faces=[crop_faces, picture][rng.integers(2)], crops=crops),
+            "RefFaceLoadReferences": dict(
+                face_analysis=person.analysis, references={slot: picture}, folder="", keep=0, threshold=threshold
+            ),
         }[node]
         try:
             pack.run(str(node), **inputs)

@@ -362,3 +362,11 @@ def test_convert_can_add_composite_context(tmp_path, golden, capsys):
     assert model.context_config["identity_encoder"] == "arcface" and model.context_config["identity_dim"] == 512
     assert model.context_config["appearance_width"] == 768
     assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "to_out_ctx" in n)
+
+
+def test_a_threshold_that_is_no_similarity_is_refused(model_dir, tmp_path, capsys):
+    for value in ("nan", "5"):
+        assert (
+            restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], tmp_path / "o.png", f"--ref-threshold={value}") == 1
+        )
+        assert "the same-person threshold must be" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def test_numbers_as_yaml_writes_them(tmp_path):
         ("model: 5", "model must be text, got 5 (int)"),
         ("data: {csv: [a.csv]}", "data.csv must be text or null, got ['a.csv'] (list)"),
         ("data: {size: null}", "data.size must be a whole number, got None (NoneType)"),
+        ("seed: -3", "seed must be from 0 to 4294967295 (2**32 - 1), got -3"),
+        ("seed: 1000000000000000", "seed must be from 0 to 4294967295 (2**32 - 1), got 1000000000000000"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_named(tmp_path, text, message):

@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefFaceError as e:
         print(f"refface: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("refface: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("refface: interrupted", file=sys.stderr)
         return 130
@@ -42,5 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, terminate)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C."""
+
+
 def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated

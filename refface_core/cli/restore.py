@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RefFaceError, check_number, check_seeds
+from ..files import check_writable_folder, path_kind
 from .options import add_face_models_option, add_sampling_options, sampling_options
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                            "apply to whole photos")  # fmt: skip
     photos, folder = image_files(args.input, "--input")
     refs, _ = image_files(args.ref, "--ref")
-    batch = folder or len(photos) > 1 or args.out.is_dir() or not args.out.suffix  # results go into a folder
+    batch = folder or len(photos) > 1 or path_kind(args.out) == "folder" or not args.out.suffix  # into a folder
     outputs = plan_outputs(photos, args.out, batch, seeds, args.overwrite)
     from ..sampling import make_branches, make_solver  # torch: after the quick checks
 
@@ -169,13 +170,17 @@ def image_files(paths: list[Path], option: str) -> tuple[list[Path], bool]:
 
     files, folder = [], False
     for path in paths:
-        if path.is_dir():
+        kind = path_kind(path)
+        if kind == "folder":
             folder = True
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as e:
+                raise RefFaceError(f"{option} {path}: cannot list this folder: {e.strerror}") from None
             if not found:
                 raise RefFaceError(f"{option} {path}: no images ({' '.join(IMAGE_SUFFIXES)}) in this folder")
             files += found
-        elif path.is_file():
+        elif kind == "file":
             files.append(path)
         else:
             raise RefFaceError(f"{option} {path}: no such file or folder")
@@ -186,7 +191,6 @@ def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], o
     """Every file to write, per photo and seed, checked before any work. One photo goes to the file ``out``; in a
     ``batch`` the photos go into the folder ``out`` as <name>.png, under a new name where one is taken: nothing is
     overwritten."""
-    from ..files import check_writable_folder
     from ..images import IMAGE_SUFFIXES, check_output_path
 
     suffixes = [""] if len(seeds) == 1 else [f"_seed{seed}" for seed in seeds]
@@ -199,9 +203,10 @@ def plan_outputs(photos: list[Path], out: Path, batch: bool, seeds: list[int], o
             if path.exists() and not overwrite:
                 raise RefFaceError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
         return [paths]
-    if out.exists() and not out.is_dir():
+    kind = path_kind(out)
+    if kind not in ("folder", "missing"):
         raise RefFaceError(f"--out {out} is a file, but several photos need a folder")
-    if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES:
+    if kind == "missing" and out.suffix.lower() in IMAGE_SUFFIXES:
         raise RefFaceError(f"--out {out} looks like an image file, but several photos need a folder")
     check_writable_folder(out)
     try:

@@ -3,7 +3,7 @@
 from .align import FFHQ_TEMPLATE_512, align_face, alignment_transform, paste_back, paste_mask, scale_affine
 from .analysis import BUNDLED_MODELS, Face, FaceAnalysis, InsightFacePack, OpenCVZoo, load_face_analysis
 from .matching import SELECT_MODES, PhotoFaces, choose_faces, face_similarity, find_faces
-from .references import References, prepare_references
+from .references import References, check_threshold, prepare_references
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -17,6 +17,7 @@ __all__ = [
     "References",
     "align_face",
     "alignment_transform",
+    "check_threshold",
     "choose_faces",
     "face_similarity",
     "find_faces",

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import RefFaceError
 from ..images import check_photo, to_8bit
 from .analysis import Face, FaceAnalysis
-from .references import sharpness
+from .references import check_threshold, sharpness
 
 SELECT_MODES = ("matching", "largest", "all")
 # px between the eyes (Face.size). ReF-LDM's severe benchmark restores faces of a few pixels between the eyes. On
@@ -72,6 +72,7 @@ def choose_faces(
     """Which faces (largest first) to restore: "matching" the person, "largest", "all", or one index. Every face
     gets a report line; faces too small to restore are left out, and a face chosen as the person that clearly looks
     like someone else gets a warning."""
+    check_threshold(threshold)
     faces, similarity = found.faces, found.similarity
     if not faces:
         raise RefFaceError("no face found in the photo (for an aligned face crop, CLI: --aligned)")

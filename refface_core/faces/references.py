@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..errors import RefFaceError
+from ..errors import RefFaceError, check_number
 from ..images import check_photo, load_image, to_8bit
 from .align import align_face
 from .analysis import FaceAnalysis
@@ -67,6 +67,7 @@ def prepare_references(
         raise RefFaceError(f"keeping {keep} references leaves none; keep at least 1")
     names = list(names or [f"reference {i}" for i in range(len(sources))])
     threshold = analysis.same_person_threshold if threshold is None else threshold
+    check_threshold(threshold)
     usable, crops, embeddings, sizes, skipped = [], [], [], [], []
     for source, name in zip(sources, names, strict=True):
         try:
@@ -97,6 +98,10 @@ def prepare_references(
             f"{best_pair:.3f}, same person above {threshold:.3f}); check them, or add another photo of the person"
         )
     return References([crops[i] for i in used], embeddings[used], [usable[i] for i in used], lines)
+
+
+def check_threshold(threshold: float) -> None:
+    check_number("the same-person threshold", threshold, -1, 1)  # a cosine similarity
 
 
 def sharpness(face_crop: np.ndarray) -> float:

@@ -104,8 +104,8 @@ UNET: dict[str, Check] = {
     "time_embedding_type": one_of("positional"),
 }
 VQ: dict[str, Check] = {
-    "in_channels": whole(1, 16),
-    "out_channels": whole(1, 16),
+    "in_channels": whole(3, 3),  # RGB photos in and out
+    "out_channels": whole(3, 3),
     "down_block_types": list_of(one_of("DownEncoderBlock2D"), *LEVELS),
     "up_block_types": list_of(one_of("UpDecoderBlock2D"), *LEVELS),
     "block_out_channels": list_of(CHANNELS, *LEVELS),

@@ -14,6 +14,7 @@ from ..errors import RefFaceError
 
 FREEZE_CHOICES = ("context", "context_attention", "full")
 LAYOUTS = ("folders", "ffhq_ref")
+MAX_TRAIN_SEED = 2**32 - 1  # draws are seeded from seed·100003 + epoch (torch takes up to 2**64) and by numpy
 
 
 @dataclass
@@ -87,6 +88,8 @@ class TrainConfig:
         for name in ("lq_dropout", "context_dropout", "hid_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:
+            problems.append(f"seed must be from 0 to {MAX_TRAIN_SEED} (2**32 - 1), got {self.seed}")
         if self.hid_weight > 0 and not self.arcface:
             problems.append("hid_weight > 0 needs `arcface:` (an ArcFace ONNX file, e.g. antelopev2/glintr100.onnx)")
         if problems:

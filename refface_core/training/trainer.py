@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import RefFaceError
 from ..faces.align import FFHQ_TEMPLATE_512
+from ..files import check_writable_folder
 from ..images import save_image
 from ..model import RefFaceRestorer
 from ..model.unet import KVRecorder, unet_forward
@@ -424,6 +425,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path | None:
     from ..context.farl import load_farl
 
     output = Path(config.output)
+    check_writable_folder(output)  # before the model loads and faces are aligned
     restorer = RefFaceRestorer.from_pretrained(config.model)
     if config.data.size != restorer.image_size:
         raise RefFaceError(f"data.size is {config.data.size}, but the model restores {restorer.image_size}px faces")
