@@ -13,4 +13,5 @@ if _PACK not in sys.path:
 if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI; elsewhere (pip, pytest) this file is inert
     from .nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "./web"  # web/refface.js shows the nodes' reports on the nodes
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

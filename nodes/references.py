@@ -12,9 +12,9 @@ from comfy_api.latest import io
 
 from refface_core import RefFaceError
 from refface_core.faces import FaceAnalysis, check_threshold, find_faces, prepare_references
-from refface_core.images import IMAGE_SUFFIXES, load_image
+from refface_core.images import IMAGE_SUFFIXES
 
-from .runtime import to_arrays, to_image
+from .runtime import report, to_arrays, to_image
 from .types import Identity, IdentityType
 
 ALIGNED_SIZE = 512  # the FFHQ template's size; the restorer resizes to its own
@@ -130,14 +130,16 @@ class LoadReferenceFaces(io.ComfyNode):
                 photos += batch
                 names += [slot if len(batch) == 1 else f"{slot}[{i}]" for i in range(len(batch))]
         for path in folder_photos(folder) if folder else []:
-            photos.append(np.asarray(load_image(path)))
+            photos.append(path)  # read by prepare_references, which skips an unreadable one with a report line
             names.append(os.path.basename(path))
         if not photos:
             raise RefFaceError("no reference photos: connect at least one image or set a folder")
         threshold = same_person_threshold(face_analysis, threshold)
         refs = prepare_references(face_analysis, photos, ALIGNED_SIZE, names, keep or None, threshold)
-        report = "\n".join(refs.lines)
-        return io.NodeOutput(to_image(refs.crops), Identity(refs.embeddings, face_analysis.name), report)
+        return io.NodeOutput(
+            to_image(refs.crops), Identity(refs.embeddings, face_analysis.name), "\n".join(refs.lines),
+            ui=report(refs.lines),
+        )  # fmt: skip
 
 
 class IdentityEmbedding(io.ComfyNode):
@@ -190,7 +192,7 @@ class IdentitySimilarity(io.ComfyNode):
     ) -> io.NodeOutput:
         person = identity_of(identity, face_analysis)
         threshold = same_person_threshold(face_analysis, threshold)
-        lines, best = [], []
+        lines, best, others = [], [], []
         for i, photo in enumerate(to_arrays(image)):
             similarity = find_faces(face_analysis, photo, person).similarity
             best.append(float(similarity.max()) if len(similarity) else 0.0)
@@ -198,6 +200,6 @@ class IdentitySimilarity(io.ComfyNode):
                 f"face {k}: {s:.3f} ({'same' if s >= threshold else 'other'})" for k, s in enumerate(similarity)
             ]
             lines.append(f"image {i}: " + (", ".join(verdicts) or "no face found"))
+            others.append(best[-1] < threshold)  # marked: no face of this image is the person
         lines.append(f"threshold {threshold:.3f} ({face_analysis.name})")
-        report = "\n".join(lines)
-        return io.NodeOutput(best[0], report, ui={"text": [report]})
+        return io.NodeOutput(best[0], "\n".join(lines), ui=report(lines, [*others, False]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from refface_core.faces import (
     Face,
     FaceAnalysis,
     PhotoFaces,
+    Wording,
     align_face,
     choose_faces,
     find_faces,
@@ -28,11 +28,14 @@ from refface_core.model import CompositeContext
 from refface_core.pipeline import restore_faces
 
 from .references import ALIGNED_SIZE, identity_of, same_person_threshold, threshold_input
-from .runtime import Offloadable, SamplingProgress, load_on_device, to_arrays, to_image
+from .runtime import Offloadable, SamplingProgress, load_on_device, report, to_arrays, to_image
 from .types import ContextType, FaceCrops, FaceCropsType, Identity, IdentityType, RefFaceModel
 
-log = logging.getLogger("refface")
-
+NODE_WORDING = Wording(  # the core's face-choice messages, in the nodes' terms
+    choose_face="select: largest, or connect the face's crop from Crop Faces",
+    all_faces="select: all",
+    aligned="RefFace Restore, which takes aligned crops",
+)
 SELECT_TOOLTIP = (
     "matching: the faces that look like the person (needs identity); largest: the biggest face; all: every face."
 )
@@ -155,10 +158,10 @@ class CropFaces(io.ComfyNode):
         size: int,
         identity: Identity | None = None,
     ) -> io.NodeOutput:
-        crops, affines, sources, boxes = [], [], [], []
+        crops, affines, sources, boxes, lines = [], [], [], [], []
         photos = to_arrays(image)
         for i, photo in enumerate(photos):
-            found, targets = choose(face_analysis, photo, identity, select, threshold, log.info)
+            found, targets = choose(face_analysis, photo, identity, select, threshold, report_for(lines, i))
             similarity = found.similarity
             boxes.append([box(found.faces[k], None if similarity is None else similarity[k]) for k in targets])
             for k in targets:
@@ -167,8 +170,15 @@ class CropFaces(io.ComfyNode):
                 affines.append(affine)
                 sources.append(i)
         if not crops:
-            raise RefFaceError(f"no face to crop in any of the {len(boxes)} images (select: {select})")
-        return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size, [p.shape[:2] for p in photos]), boxes)
+            why = "\n".join(lines)
+            raise RefFaceError(f"no face to crop in any of the {len(boxes)} images (select: {select}):\n{why}")
+        sizes = [p.shape[:2] for p in photos]
+        return io.NodeOutput(to_image(crops), FaceCrops(affines, sources, size, sizes), boxes, ui=report(lines))
+
+
+def report_for(lines: list[str], image: int) -> Callable[[str], None]:
+    """Collects a photo's report lines, named by its place in the batch."""
+    return lambda line: lines.append(f"image {image}: {line}")
 
 
 def choose(
@@ -182,7 +192,7 @@ def choose(
     """The photo's faces and the chosen ones (none, with a log line, where no face is found or matches)."""
     found = find_faces(analysis, photo, None if identity is None else identity_of(identity, analysis))
     try:
-        return found, choose_faces(found, select, same_person_threshold(analysis, threshold), log)
+        return found, choose_faces(found, select, same_person_threshold(analysis, threshold), log, NODE_WORDING)
     except RefFaceError as e:
         log(str(e))
         return found, []
@@ -269,13 +279,9 @@ class RestorePhoto(io.ComfyNode):
         **options: Any,
     ) -> io.NodeOutput:
         lines: list[str] = []
-
-        def report_for(i: int) -> Callable[[str], None]:
-            return lambda line: lines.append(f"image {i}: {line}")
-
         plans = []
         for i, photo in enumerate(to_arrays(image)):
-            say = report_for(i)
+            say = report_for(lines, i)
             found, targets = choose(face_analysis, photo, identity, select, threshold, say)
             say(f"{len(found.faces)} face(s), restoring {len(targets)}")
             plans.append((photo, found.faces, targets, say))
@@ -290,4 +296,4 @@ class RestorePhoto(io.ComfyNode):
             ).images[0]
             for photo, faces, targets, say in plans
         ]  # fmt: skip
-        return io.NodeOutput(to_image(restored), "\n".join(lines))
+        return io.NodeOutput(to_image(restored), "\n".join(lines), ui=report(lines))

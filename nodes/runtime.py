@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.model_management as mm
@@ -14,8 +15,11 @@ from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
 from refface_core import RefFaceError, RefFaceRestorer
+from refface_core.faces import is_warning
 from refface_core.model import DTYPES
 from refface_core.model.tensors import check_finite, from_model_tensor
+
+log = logging.getLogger("refface")
 
 # our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {
@@ -109,6 +113,15 @@ def load_on_device(*models: Offloadable) -> list[torch.nn.Module]:
     """Load these models together, whole (plain torch layers cannot run half on the GPU, half off it)."""
     mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
     return [m.model for m in models]
+
+
+def report(lines: list[str], warnings: list[bool] | None = None) -> dict[str, list]:
+    """A node's report: shown on the node by web/refface.js, the warnings marked, and logged to the server console.
+    ``warnings``: which lines to mark (default: the core's rule, ``is_warning``)."""
+    warnings = [is_warning(line) for line in lines] if warnings is None else warnings
+    for line, warning in zip(lines, warnings, strict=True):
+        log.log(logging.WARNING if warning else logging.INFO, "%s", line)
+    return {"text": lines, "refface_warnings": warnings}
 
 
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from support import farl_state_dict, tiny_context_config, tiny_restorer
 
@@ -258,6 +259,15 @@ def test_reference_folder_inside_the_input_folder_and_its_fingerprint(pack, pers
     assert cls.fingerprint_inputs(folder="album") == ""
     with pytest.raises(Exception, match="gone.jpg in the reference folder .* is not a file"):
         pack.run("RefFaceLoadReferences", face_analysis=person.analysis, folder="album", keep=0, threshold=-1.0)
+    (album / "gone.jpg").unlink()
+    gradient = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(album / "gradient.jpg")  # no face in it
+    (album / "broken.jpg").write_bytes(b"\xff\xd8 not a photo")
+    refs, identity, report = pack.run(
+        "RefFaceLoadReferences", face_analysis=person.analysis, folder="album", keep=0, threshold=-1.0
+    )  # one bad reference does not fail the run: the good ones do
+    assert refs.shape[0] >= 2 and "gradient.jpg: skipped: no face found" in report
+    assert "broken.jpg: skipped: not a readable image" in report
     with pytest.raises(Exception, match="unexpected reference input 'photo': the inputs are named reference0"):
         pack.run(
             "RefFaceLoadReferences", face_analysis=person.analysis, references={"photo": image("macron_1")},
@@ -436,3 +446,31 @@ def test_reference_slots_have_one_limit_everywhere(pack):
     inputs = pack.classes["RefFaceRestore"].INPUT_TYPES()
     slots = {**inputs["required"], **inputs.get("optional", {})}["ref_slots"][1]
     assert slots["max"] == MAX_REF_SLOTS == 64
+
+
+def test_reports_are_shown_on_the_nodes_with_their_warnings_marked(pack, person, caplog):
+    """The ui output web/refface.js shows: the lines, and which to mark; the same lines go to the server log."""
+    references = {"reference0": image("macron_1"), "reference1": image("obama", "macron_2")}
+    load = pack.node_class("RefFaceLoadReferences").execute(
+        face_analysis=person.analysis, references=references, folder="", keep=0, threshold=-1.0
+    )
+    lines, warnings = load.ui["text"], load.ui["refface_warnings"]
+    assert len(lines) == len(warnings) == 3
+    assert [("FLAGGED" in line) for line in lines] == warnings == [False, False, True]  # Obama's photo
+    assert any("FLAGGED" in r.message and r.levelname == "WARNING" for r in caplog.records)
+
+    crop = pack.node_class("RefFaceCropFaces").execute(
+        face_analysis=person.analysis, image=image("obama"), select="largest", identity=person.identity,
+        threshold=-1.0, size=64,
+    )  # fmt: skip
+    warned = [line for line, w in zip(crop.ui["text"], crop.ui["refface_warnings"], strict=True) if w]
+    assert len(warned) == 1 and "warning: face 0 may not be the person in the references" in warned[0]
+
+    with pytest.raises(
+        RefFaceError, match=r"choose the face \(select: largest, or connect .*\) or restore all \(select: all\)"
+    ):
+        pack.node_class("RefFaceRestorePhoto").execute(
+            model=person.model, context=person.context, face_analysis=person.analysis,
+            image=side_by_side("ardern_1", "ardern_2"), select="matching", identity=person.identity, threshold=-1.0,
+            **SAMPLING,
+        )  # fmt: skip

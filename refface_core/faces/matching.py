@@ -41,6 +41,18 @@ USABLE_SHARPNESS = 15.0
 UNSURE_DETECTION = 0.8  # YuNet scores real faces about 0.9-0.96, even small and degraded ones
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How a front end names the settings that fix a face-choice problem: the rule stays here, in one place."""
+
+    choose_face: str  # restore one chosen face
+    all_faces: str  # restore every face
+    aligned: str  # the input is already an aligned face crop
+
+
+CLI_WORDING = Wording("--face N, faces listed largest first", "--all-faces", "--aligned")
+
+
 @dataclass
 class PhotoFaces:
     """A photo's faces and how much each looks like the person."""
@@ -67,7 +79,11 @@ def find_faces(analysis: FaceAnalysis, photo: np.ndarray, identity: np.ndarray |
 
 
 def choose_faces(
-    found: PhotoFaces, select: str | int, threshold: float, log: Callable[[str], None] = print
+    found: PhotoFaces,
+    select: str | int,
+    threshold: float,
+    log: Callable[[str], None] = print,
+    wording: Wording = CLI_WORDING,
 ) -> list[int]:
     """Which faces (largest first) to restore: "matching" the person, "largest", "all", or one index. Every face
     gets a report line; faces too small to restore are left out, and a face chosen as the person that clearly looks
@@ -75,7 +91,7 @@ def choose_faces(
     check_threshold(threshold)
     faces, similarity = found.faces, found.similarity
     if not faces:
-        raise RefFaceError("no face found in the photo (for an aligned face crop, CLI: --aligned)")
+        raise RefFaceError(f"no face found in the photo (for an aligned face crop: {wording.aligned})")
     if select == "matching" and similarity is None:
         raise RefFaceError("choosing the matching faces needs the person's identity")
     figures = _figures(found)
@@ -90,7 +106,7 @@ def choose_faces(
     elif select == "largest":
         targets = [0]
     elif select == "matching":
-        targets = _matching(similarity, threshold)
+        targets = _matching(similarity, threshold, wording)
     else:
         raise RefFaceError(f"select must be one of {SELECT_MODES} or a face index, got {select!r}")
     for i in targets if select != "all" else []:
@@ -108,7 +124,7 @@ def choose_faces(
     return targets
 
 
-def _matching(similarity: np.ndarray, threshold: float) -> list[int]:
+def _matching(similarity: np.ndarray, threshold: float, wording: Wording) -> list[int]:
     """The faces above the threshold; else the best by a clear margin; else a refusal naming the choice to make."""
     if len(similarity) == 1:
         return [0]
@@ -121,7 +137,7 @@ def _matching(similarity: np.ndarray, threshold: float) -> list[int]:
     raise RefFaceError(
         f"no face clearly matches the references (best similarity {similarity[best]:.3f}, next "
         f"{similarity[second]:.3f}; same person above {threshold:.3f}, or best by {CHOICE_MARGIN:.2f}): choose the "
-        "face (CLI: --face N, faces listed largest first) or restore all (--all-faces)"
+        f"face ({wording.choose_face}) or restore all ({wording.all_faces})"
     )
 
 

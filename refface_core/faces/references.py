@@ -100,6 +100,12 @@ def prepare_references(
     return References([crops[i] for i in used], embeddings[used], [usable[i] for i in used], lines)
 
 
+def is_warning(line: str) -> bool:
+    """A report line the user must see: a warning, a reference flagged as another person, one skipped, or a photo
+    where no face was found or none matches."""
+    return any(mark in line for mark in ("warning:", "FLAGGED", ": skipped", "no face"))
+
+
 def check_threshold(threshold: float) -> None:
     check_number("the same-person threshold", threshold, -1, 1)  # a cosine similarity
 

@@ -5,7 +5,11 @@
 //
 // Usage:
 //   node load_workflows.mjs --server http://127.0.0.1:PORT --out DIR \
-//        [--timeout SECONDS] [--settle MS] wf1.json [wf2.json ...]
+//        [--timeout SECONDS] [--settle MS] [--run] wf1.json [wf2.json ...]
+//
+// --run: also queue each workflow as the Run button does, wait for its end, and
+// report the text the pack's web extension shows on the nodes ("reports"),
+// with a second screenshot <name>_run.png.
 //
 // Env: CHROMIUM_PATH (default /usr/bin/chromium)
 //
@@ -23,13 +27,13 @@ function usage(msg) {
   if (msg) process.stderr.write(`error: ${msg}\n`)
   process.stderr.write(
     'usage: node load_workflows.mjs --server http://127.0.0.1:PORT --out DIR ' +
-      '[--timeout SECONDS] [--settle MS] workflow1.json [workflow2.json ...]\n'
+      '[--timeout SECONDS] [--settle MS] [--run] workflow1.json [workflow2.json ...]\n'
   )
   process.exit(2)
 }
 
 function parseArgs(argv) {
-  const opts = { server: null, out: null, timeout: 90, settle: 750, files: [] }
+  const opts = { server: null, out: null, timeout: 90, settle: 750, run: false, files: [] }
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]
     const val = () => {
@@ -40,6 +44,7 @@ function parseArgs(argv) {
     else if (a === '--out') opts.out = val()
     else if (a === '--timeout') opts.timeout = Number(val())
     else if (a === '--settle') opts.settle = Number(val())
+    else if (a === '--run') opts.run = true
     else if (a === '-h' || a === '--help') usage()
     else if (a.startsWith('--')) usage(`unknown option ${a}`)
     else opts.files.push(a)
@@ -382,6 +387,32 @@ async function main() {
         await page.screenshot({ path: screenshot })
         result.screenshot = screenshot
         result.ok = !result.error && result.missing.length === 0
+        if (opts.run && result.ok) {
+          result.run = await page.evaluate(async (timeoutMs) => {
+            const api = window.comfyAPI.api.api
+            const done = new Promise((resolve) => {
+              const finish = (outcome) => (event) => resolve({ outcome, detail: event.detail })
+              api.addEventListener('execution_success', finish('success'), { once: true })
+              api.addEventListener('execution_error', finish('error'), { once: true })
+              setTimeout(() => resolve({ outcome: 'timeout' }), timeoutMs)
+            })
+            await window.app.queuePrompt(0, 1)
+            const { outcome, detail } = await done
+            return { outcome, error: outcome === 'error' ? String(detail?.exception_message) : null }
+          }, timeoutMs)
+          await nextFrames(page, 3)
+          await page.waitForTimeout(opts.settle)
+          result.reports = await page.evaluate(() =>
+            [...document.querySelectorAll('.refface-report')].map((e) => ({
+              text: e.innerText,
+              warnings: e.querySelectorAll('.refface-warning').length
+            }))
+          )
+          result.run_screenshot = path.resolve(opts.out, `${name}_run.png`)
+          await page.screenshot({ path: result.run_screenshot })
+          if (result.run.outcome !== 'success') result.error = `run: ${result.run.outcome} ${result.run.error ?? ''}`
+          result.ok = !result.error
+        }
       } catch (e) {
         result.error = String(e && e.message ? e.message : e)
         if (result.format) try {

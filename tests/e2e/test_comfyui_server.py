@@ -161,7 +161,7 @@ def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
         pytest.skip("needs node and `npm ci` in tests/e2e (playwright-core), plus Debian's chromium")
     out = Path(os.environ.get("REFFACE_E2E_SCREENSHOTS", tmp_path))
     result = subprocess.run(
-        ["node", str(script), "--server", server, "--out", str(out), *map(str, EDITOR)],
+        ["node", str(script), "--server", server, "--out", str(out), "--run", *map(str, EDITOR)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -172,4 +172,8 @@ def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
         api = json.loads((REPO / "workflows" / "api" / editor.name).read_text())
         queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
         assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    print("screenshots:", *(r["screenshot"] for r in reports))
+        assert report["run"]["outcome"] == "success" and report["reports"], report  # run as Run does; reports shown
+    album = next(r for r in reports if "album" in r["workflow"])
+    flagged = [r for r in album["reports"] if "FLAGGED" in r["text"]]
+    assert flagged and flagged[0]["warnings"] >= 1 and "⚠" in flagged[0]["text"]  # Obama's photo, marked
+    print("screenshots:", *(r["screenshot"] for r in reports), *(r["run_screenshot"] for r in reports))
