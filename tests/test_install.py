@@ -4,6 +4,10 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
+from refface_core import RefFaceError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +32,13 @@ def test_requirements_name_neither_onnxruntime_nor_insightface():
     names = {re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower() for line in lines if line}
     assert not {name for name in names if name.startswith(("onnxruntime", "insightface"))}
     assert {"onnx", "scikit-image", "scipy", "opencv-python"} <= names  # what insightface needs besides onnxruntime
+
+
+def test_the_pack_without_onnxruntime_says_to_run_install_py(monkeypatch):
+    """A manual install that ran requirements.txt only: one line at ComfyUI's start, not an import traceback."""
+    real = importlib.util.find_spec
+    stand_in = {"comfy_api": object(), "onnxruntime": None}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: stand_in.get(name, real(name, *a)))
+    spec = importlib.util.spec_from_file_location("refface_pack", REPO / "__init__.py")
+    with pytest.raises(RefFaceError, match=r"^RefFace needs onnxruntime: run `python install.py` in .*ComfyUI Manager"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
