@@ -11,6 +11,15 @@ if _PACK not in sys.path:
     sys.path.append(_PACK)
 
 if importlib.util.find_spec("comfy_api") is not None:  # inside ComfyUI; elsewhere (pip, pytest) this file is inert
+    # install.py, not requirements.txt, brings these (so that an onnxruntime-gpu is kept): say so if it did not run
+    _missing = [name for name in ("onnxruntime", "insightface") if importlib.util.find_spec(name) is None]
+    if _missing:
+        from refface_core.errors import RefFaceError
+
+        raise RefFaceError(
+            f"RefFace needs {' and '.join(_missing)}: run `python install.py` in {_PACK} with ComfyUI's Python "
+            "(ComfyUI Manager runs it for you)"
+        )
     from .nodes import comfy_entrypoint
 
     WEB_DIRECTORY = "./web"  # web/refface.js shows the nodes' reports on the nodes

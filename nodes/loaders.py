@@ -8,8 +8,9 @@ from comfy_api.latest import io
 from refface_core import RefFaceRestorer
 from refface_core.context.farl import load_farl
 from refface_core.faces import BUNDLED_MODELS, load_face_analysis
+from refface_core.weights import LICENCE, MODEL_NAME
 
-from .runtime import DTYPES, INSIGHTFACE, Offloadable, available, found, model_dtype, model_path
+from .runtime import DTYPES, INSIGHTFACE, Offloadable, available, found, model_dtype, model_path, restorer_path
 from .types import FaRLModel, RefFaceModel
 
 OPENCV_ZOO = "opencv_zoo (offline YuNet + SFace)"
@@ -36,8 +37,9 @@ class LoadRestorer(io.ComfyNode):
                 io.Combo.Input(
                     "model_name",
                     options=available("refface"),
-                    tooltip="A model folder in models/refface/ (config.json + model.safetensors), made from ReF-LDM's "
-                    "refldm.ckpt and vqgan.ckpt with `refface convert`.",
+                    tooltip=f"A model folder in models/refface/ (config.json + model.safetensors). {MODEL_NAME} is "
+                    "ReF-LDM's model: on first use it is downloaded (refldm.ckpt and vqgan.ckpt) and converted into "
+                    f"models/refface/{MODEL_NAME}. {LICENCE}",
                 ),
                 dtype_input(),
             ],
@@ -46,11 +48,11 @@ class LoadRestorer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str) -> bool | str:
-        return found("refface", model_name)
+        return model_name == MODEL_NAME or found("refface", model_name)
 
     @classmethod
     def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
-        path = model_path("refface", model_name)
+        path = restorer_path(model_name)
         restorer = RefFaceRestorer.from_pretrained(path, device=mm.unet_offload_device(), dtype=model_dtype(dtype))
         return io.NodeOutput(Offloadable(restorer))
 

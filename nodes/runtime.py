@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -18,6 +19,9 @@ from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.faces import is_warning
 from refface_core.model import DTYPES
 from refface_core.model.tensors import check_finite, from_model_tensor
+from refface_core.weights import MODEL_NAME, download_model
+
+log = logging.getLogger("refface")
 
 log = logging.getLogger("refface")
 
@@ -28,8 +32,8 @@ MODEL_FOLDERS = {
 }
 INSIGHTFACE = "insightface"  # packs in models/insightface/models/<name>/, shared with InstantID and IPAdapter
 HOW_TO_GET = {
-    "refface": "fetch ReF-LDM's weights into it, in the pack's folder: `python -m refface_core download --dir "
-    "<ComfyUI>/models/refface` (or convert ones you have with `python -m refface_core convert`)",
+    "refface": f"choose {MODEL_NAME!r}, which Load RefFace Model downloads on first use, or convert checkpoints you "
+    "have into it with `python -m refface_core convert`",
     "farl": "download FaRL-Base-Patch16-LAIONFace20M-ep64.pth into it",
     "insightface": "put an insightface pack such as antelopev2 or buffalo_l in models/insightface/models/<name>/",
 }
@@ -44,7 +48,8 @@ def register_model_folders() -> None:
 
 
 def available(folder: str) -> list[str]:
-    """What a loader's dropdown lists: model folders in refface/, packs in insightface/models/, files in farl/."""
+    """What a loader's dropdown lists: model folders in refface/ (ReF-LDM's even before it is on disk: the loader
+    downloads it), packs in insightface/models/, files in farl/."""
     if folder == INSIGHTFACE:
         roots = [os.path.join(base, "models") for base in folder_paths.get_folder_paths(INSIGHTFACE)]
         return sorted(
@@ -60,7 +65,8 @@ def available(folder: str) -> list[str]:
     files = folder_paths.get_filename_list(folder)
     if folder == "refface":
         return sorted(
-            {os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)}
+            {MODEL_NAME}
+            | {os.path.dirname(f) for f in files if os.path.basename(f) == "config.json" and os.path.dirname(f)}
         )
     return files
 
@@ -83,6 +89,38 @@ def found(folder: str, name: str) -> bool | str:
     except RefFaceError as e:
         return str(e)
     return True
+
+
+def restorer_path(name: str) -> str:
+    """The model folder ``name``; ReF-LDM's is downloaded and converted into the first models/refface/ folder when it
+    is not there, the same folder `refface download --dir` fills, so the CLI can share that one copy."""
+    if name != MODEL_NAME or found("refface", name) is True:
+        return model_path("refface", name)
+    folder = Path(folder_paths.get_folder_paths("refface")[0])
+    return str(download_model(folder, log.info, DownloadProgress))
+
+
+class DownloadProgress:
+    """A file's download on ComfyUI's progress bar, in bytes, sent once per percent (chunks are 64 KiB), and in the
+    log every 10%; Cancel stops it between chunks, keeping the part file to resume next time."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.shown = name, -1
+        self.bar: comfy.utils.ProgressBar | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if not total:  # no length announced: nothing to measure against
+            return
+        percent = done * 100 // total
+        if percent == self.shown:
+            return
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(done, total)
+        if percent // 10 != self.shown // 10:
+            log.info("%s: %d%% of %.1f MB", self.name, percent, total / 1e6)
+        self.shown = percent
 
 
 def model_dtype(name: str) -> torch.dtype:

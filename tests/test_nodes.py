@@ -105,16 +105,99 @@ def test_pack_registers_every_node_with_a_tooltip_on_every_input(pack):
 
 def test_loaders_list_the_model_folders_and_name_the_folder_for_a_missing_model(pack):
     options = pack.classes["RefFaceLoadModel"].INPUT_TYPES()["required"]["model_name"][1]["options"]
-    assert options == ["tiny", "tiny_context"]
+    assert options == ["refldm", "tiny", "tiny_context"]  # ReF-LDM's before it is on disk: the loader fetches it
+    assert not (pack.models / "refface" / "refldm").exists()
     farl = pack.classes["RefFaceLoadFaRL"].INPUT_TYPES()["required"]["farl_name"][1]["options"]
     assert farl == ["farl_tiny.safetensors"]
-    message = pack.classes["RefFaceLoadModel"].validate_inputs(model_name="refldm")
-    assert "'refldm' is not in models/refface/" in message and str(pack.models / "refface") in message
-    assert "python -m refface_core convert" in message
+    message = pack.classes["RefFaceLoadModel"].validate_inputs(model_name="mine")
+    assert "'mine' is not in models/refface/" in message and str(pack.models / "refface") in message
+    assert "choose 'refldm'" in message and "python -m refface_core convert" in message
+    assert pack.classes["RefFaceLoadModel"].validate_inputs(model_name="refldm") is True
     assert pack.classes["RefFaceLoadModel"].validate_inputs(model_name="tiny") is True
     assert "models/insightface/models/<name>/" in pack.classes["RefFaceLoadFaceAnalysis"].validate_inputs(
         models="antelopev2"
     )
+
+
+@pytest.fixture
+def comfy_models(pack, tmp_path, monkeypatch):
+    """An empty models/refface/ for one test, so that ReF-LDM's model is absent and the pack's stays untouched."""
+    import folder_paths
+
+    folder = tmp_path / "refface"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "refface", ([str(folder)], {".json"}))
+    return folder
+
+
+def test_loader_downloads_refldm_on_first_use_with_progress_and_resumes(
+    pack, comfy_models, server, stand_ins, monkeypatch, caplog
+):
+    import comfy.utils
+
+    from refface_core.weights import LICENCE
+
+    server.files |= stand_ins
+    server.drop_after["vqgan.ckpt"] = len(stand_ins["vqgan.ckpt"]) // 2
+    monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", f"{server.url}/github")
+    ticks = []
+    monkeypatch.setattr(
+        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, **_: ticks.append((value, total))
+    )
+    assert LICENCE in pack.classes["RefFaceLoadModel"].INPUT_TYPES()["required"]["model_name"][1]["tooltip"]
+    caplog.set_level("INFO", logger="refface")
+
+    with pytest.raises(Exception) as dropped:
+        pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert isinstance(dropped.value.__cause__, RefFaceError)
+    assert "download of" in str(dropped.value.__cause__) and "resume" in str(dropped.value.__cause__)
+    kept = (comfy_models / "vqgan.ckpt.part").stat().st_size
+    assert 0 < kept < len(stand_ins["vqgan.ckpt"]) and not (comfy_models / "refldm").exists()
+    size = len(stand_ins["refldm.ckpt"])
+    fetched = [(v, t) for v, t in ticks if t == size]
+    assert fetched[-1] == (size, size) and len(fetched) <= 101  # bytes on the bar, about once per percent
+    assert [v for v, _ in fetched] == sorted({v for v, _ in fetched})
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == LICENCE and any("downloading" in m for m in messages)
+
+    ticks.clear()
+    model = pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")[0]
+    assert server.requests[-1] == ("/objects/vqgan.ckpt", f"bytes={kept}-")  # resumed, not started again
+    assert ticks[0][0] > kept and ticks[-1] == (len(stand_ins["vqgan.ckpt"]),) * 2
+    assert (comfy_models / "refldm" / "config.json").is_file() and model.model.dtype == torch.float32
+    fetched = len(server.requests)
+    pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert len(server.requests) == fetched  # on disk now: loaded, not fetched again
+
+
+def test_cancel_stops_the_download_and_the_next_run_resumes_it(pack, comfy_models, server, stand_ins, monkeypatch):
+    import comfy.utils
+
+    server.files |= stand_ins
+    monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", server.url)
+    monkeypatch.setattr(
+        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, **_: pack.mm.interrupt_current_processing(True)
+    )
+    with pytest.raises(Exception) as stopped:
+        pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert isinstance(stopped.value.__cause__, pack.mm.InterruptProcessingException)
+    kept = (comfy_models / "refldm.ckpt.part").stat().st_size
+    assert 0 < kept < len(stand_ins["refldm.ckpt"])  # stopped within the first file, its part kept
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert ("/refldm.ckpt", f"bytes={kept}-") in server.requests
+    assert sorted(p.name for p in comfy_models.iterdir()) == ["refldm", "refldm.ckpt", "vqgan.ckpt"]
+
+
+def test_loader_download_failures_are_one_refface_error(pack, comfy_models, server, stand_ins, monkeypatch):
+    monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", server.url)
+    with pytest.raises(Exception) as missing:
+        pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert isinstance(missing.value.__cause__, RefFaceError) and "failed: HTTP 404" in str(missing.value.__cause__)
+    server.files |= {"refldm.ckpt": stand_ins["refldm.ckpt"][:50_000], "vqgan.ckpt": stand_ins["vqgan.ckpt"]}
+    with pytest.raises(Exception) as damaged:
+        pack.run("RefFaceLoadModel", model_name="refldm", dtype="fp32")
+    assert isinstance(damaged.value.__cause__, RefFaceError) and "It was removed" in str(damaged.value.__cause__)
+    assert sorted(p.name for p in comfy_models.iterdir()) == ["vqgan.ckpt"]  # no model, no damaged file kept
 
 
 def test_loaded_model_is_managed_by_comfyui(pack, person):
