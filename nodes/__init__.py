@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .context import BuildCompositeContext
+from .examples import install_examples
 from .loaders import LoadFaceAnalysis, LoadFaRL, LoadRestorer
 from .references import IdentityEmbedding, IdentitySimilarity, LoadReferenceFaces
 from .restore import CropFaces, PasteFaces, RefFaceRestore, RestorePhoto
@@ -30,4 +31,5 @@ class RefFaceExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> RefFaceExtension:
     register_model_folders()
+    install_examples()
     return RefFaceExtension()

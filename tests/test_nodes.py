@@ -3,6 +3,7 @@ progress with previews, Cancel, model folders and messages."""
 
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +28,8 @@ NODE_IDS = [
 ZOO = "opencv_zoo (offline YuNet + SFace)"
 API = sorted((REPO / "workflows" / "api").glob("*.json"))
 EDITOR = sorted((REPO / "workflows").glob("*.json"))
+PHOTOS = REPO / "workflows" / "photos"
+EXAMPLES = REPO / "nodes" / "examples.py"
 FILE_COMBOS = {"model_name", "farl_name", "image"}  # list the user's own files
 FRONTEND_WIDGETS = {"control_after_generate", "upload"}  # the editor's own, never sent to the server
 
@@ -49,6 +52,7 @@ def pack(tmp_path_factory):
 
     models = tmp_path_factory.mktemp("comfy") / "models"
     folder_paths.models_dir = str(models)
+    folder_paths.set_input_directory(str(models.parent / "input"))  # loading the pack copies its example photos there
     tiny_restorer(seed=6).save_pretrained(models / "refface" / "tiny")
     with_context = tiny_restorer(seed=6)
     with_context.add_composite_context(tiny_context_config())
@@ -557,3 +561,61 @@ def test_reports_are_shown_on_the_nodes_with_their_warnings_marked(pack, person,
             image=side_by_side("ardern_1", "ardern_2"), select="matching", identity=person.identity, threshold=-1.0,
             **SAMPLING,
         )  # fmt: skip
+
+
+def load_images(path: Path) -> list[str]:
+    """The files a workflow's LoadImage nodes name, editor or API format."""
+    graph = json.loads(path.read_text())
+    if "nodes" in graph:
+        return [n["widgets_values"][0] for n in graph["nodes"] if n["type"] == "LoadImage"]
+    return [n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"]
+
+
+@pytest.mark.parametrize("path", EDITOR, ids=[p.stem for p in EDITOR])
+def test_templates_have_a_readable_name_a_thumbnail_and_photos_the_pack_installs(pack, path):
+    import folder_paths
+    from PIL import Image
+
+    assert " " in path.stem and path.stem[0].isupper()  # the template card's title is the file name
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == (256, 256)
+    names = load_images(path)
+    assert names and names == load_images(REPO / "workflows" / "api" / path.name)
+    for name in names:  # in the input folder itself: LoadImage lists no subfolder
+        installed = Path(folder_paths.get_input_directory()) / name  # copied when the pack loaded
+        assert installed.read_bytes() == (PHOTOS / name).read_bytes()
+
+
+def test_example_photos_are_small_credited_and_not_templates():
+    credits = (PHOTOS / "CREDITS.md").read_text()
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert {p.name for p in PHOTOS.iterdir()} == {"CREDITS.md", *(p.name for p in photos)}
+    for photo in photos:
+        assert photo.stat().st_size <= 100_000 and f"| `{photo.name}` |" in credits
+    used = {name for path in EDITOR for name in load_images(path)}
+    assert used == {p.name for p in photos} and all(p.name.startswith("refface_") for p in photos)
+
+
+def test_install_examples_never_replaces_a_file_and_says_why_it_could_not_copy(pack, tmp_path, monkeypatch, caplog):
+    import folder_paths
+
+    (examples,) = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(EXAMPLES)]
+    install_examples = examples.install_examples  # the module the pack loaded (ComfyUI owns the name `nodes`)
+    target = tmp_path / "input"
+    target.mkdir()
+    (target / "refface_group_photo.jpg").write_bytes(b"the user's own photo")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    with caplog.at_level("INFO", logger="refface"):
+        install_examples()
+        install_examples()  # nothing left to copy: no second line
+    assert (target / "refface_group_photo.jpg").read_bytes() == b"the user's own photo"
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert sorted(p.name for p in target.iterdir()) == [p.name for p in photos]  # no temporaries left, no credits
+    assert all((target / p.name).read_bytes() == p.read_bytes() for p in photos if p.name != "refface_group_photo.jpg")
+    assert len(caplog.records) == 1 and "refface_group_photo.jpg" not in caplog.records[0].getMessage()
+    caplog.clear()
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "not_a_folder"))
+    install_examples()
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "example photos not copied into" in record.getMessage()

@@ -14,7 +14,9 @@
 // Env: CHROMIUM_PATH (default /usr/bin/chromium)
 //
 // Output: one JSON line per workflow on stdout (diagnostics go to stderr), with
-// the API prompt the frontend would queue for it ("prompt").
+// the API prompt the frontend would queue for it ("prompt"), combo values not
+// among their options ("combo_missing") and the /view image requests it made,
+// with their HTTP status ("views").
 // Exit status: 0 all workflows loaded with no missing nodes,
 //              1 some workflow had missing nodes or failed to load,
 //              2 usage error / browser or frontend start-up failure.
@@ -159,6 +161,13 @@ async function main() {
       }
     })
     page.on('pageerror', (err) => consoleErrors.push(`pageerror: ${err.message}`))
+    // Image requests (LoadImage previews of input files), flushed into each workflow's line as "views".
+    let views = []
+    page.on('response', (resp) => {
+      const u = new URL(resp.url())
+      if (u.pathname.endsWith('/view'))
+        views.push({ ...Object.fromEntries(u.searchParams), status: resp.status() })
+    })
 
     // No internet from the browser: abort external requests immediately
     // (fonts, release notes, telemetry...) instead of waiting for timeouts.
@@ -320,7 +329,9 @@ async function main() {
           { json, name, isApiFormat }
         )
 
-        // Let the UI settle: overlay / dialogs / deferred rendering.
+        // Let the UI settle: overlay / dialogs / deferred rendering; wait (5 s at most) for the LoadImage previews.
+        const loadImages = isEditorFormat ? json.nodes.filter((n) => n.type === 'LoadImage').length : 0
+        for (let waited = 0; views.length < loadImages && waited < 5000; waited += 100) await page.waitForTimeout(100)
         await nextFrames(page, 3)
         await page.waitForTimeout(opts.settle)
         await nextFrames(page, 2)
@@ -331,6 +342,9 @@ async function main() {
           const reg = LG.registered_node_types
           const root = app.rootGraph || app.graph
           const graphMissing = []
+          // Combo values not among the widget's options: the frontend marks these (a LoadImage photo absent from
+          // the input folder's list) as missing inputs.
+          const comboMissing = []
           let total = 0
           const walk = (graph, prefix) => {
             for (const n of graph._nodes || graph.nodes || []) {
@@ -346,6 +360,11 @@ async function main() {
                   has_errors: !!n.has_errors,
                   registered: !unregistered
                 })
+              for (const w of n.widgets || []) {
+                const values = w.type === 'combo' ? w.options?.values : null
+                if (Array.isArray(values) && !values.includes(w.value))
+                  comboMissing.push({ id: prefix + n.id, title: n.title, widget: w.name, value: w.value })
+              }
               if (isSub && n.subgraph) walk(n.subgraph, prefix + n.id + ':')
             }
           }
@@ -355,6 +374,7 @@ async function main() {
             total,
             links: root.links ? (root.links.size ?? Object.keys(root.links).length) : null,
             graphMissing,
+            comboMissing,
             frontendMissing: window.__e2eMissing
           }
         })
@@ -372,6 +392,7 @@ async function main() {
           frontend: g.frontendMissing, // ComfyUI's own list (afterConfigureGraph); null = hook not called
           file: r.fileUnregistered // types in the JSON not in LiteGraph.registered_node_types
         }
+        result.combo_missing = g.comboMissing
         result.ui_messages = await collectUiMessages(page)
         // The API prompt the frontend would queue for this graph (what "Queue" sends).
         result.prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output).catch(() => null)
@@ -425,6 +446,8 @@ async function main() {
       result.console_errors = consoleErrors.filter((e) => !isBlockedExternal(e))
       result.console_errors_external = consoleErrors.filter(isBlockedExternal)
       consoleErrors = []
+      result.views = views
+      views = []
       if (!result.ok) exitCode = 1
       process.stdout.write(JSON.stringify(result) + '\n')
     }

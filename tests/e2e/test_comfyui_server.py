@@ -2,6 +2,7 @@
 (`refface comfy-queue`'s client) and a headless Chromium. Runs when COMFYUI_DIR points at a ComfyUI checkout
 (COMFYUI_PYTHON: the Python that runs it, default this one); skipped otherwise."""
 
+import io
 import json
 import os
 import shutil
@@ -30,17 +31,15 @@ NODE_IDS = {
     "RefFaceIdentityEmbedding", "RefFaceBuildContext", "RefFaceCropFaces", "RefFaceRestore", "RefFacePasteFaces",
     "RefFaceRestorePhoto", "RefFaceIdentitySimilarity",
 }  # fmt: skip
-# each example workflow's photo and references
+# each template's photo and references, when queued through `refface comfy-queue` (uploaded, not the examples)
+SINGLE = "Restore a face from one reference"
+ALBUM = "Restore a face from several references"
+GROUP = "Restore one person in a group photo"
 CASES = {
-    "refface_single_reference": ("macron_2.jpg", ["macron_1.jpg"]),
-    "refface_multi_reference_album": ("macron_2.jpg", ["macron_1.jpg", "obama.jpg", "macron_2.jpg"]),
-    "refface_group_photo": ("group.jpg", ["macron_1.jpg"]),
+    SINGLE: ("macron_2.jpg", ["macron_1.jpg"]),
+    ALBUM: ("macron_2.jpg", ["macron_1.jpg", "obama.jpg", "macron_2.jpg"]),
+    GROUP: ("group.jpg", ["macron_1.jpg"]),
 }
-
-EXAMPLE_IMAGES = {
-    "photo.jpg": "macron_2.jpg", "group_photo.jpg": "macron_2.jpg", "reference.jpg": "macron_1.jpg",
-    "reference_1.jpg": "macron_1.jpg", "reference_2.jpg": "obama.jpg", "reference_3.jpg": "macron_2.jpg",
-}  # fmt: skip
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(
@@ -62,13 +61,16 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """ComfyUI on a free 127.0.0.1 port, in its own base folder: this pack, a tiny model as models/refface/refldm."""
-    base = tmp_path_factory.mktemp("comfyui")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("comfyui")
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    """ComfyUI on a free 127.0.0.1 port, in its own base folder as on a fresh install: this pack, a tiny model as
+    models/refface/refldm, an empty input folder (the pack puts its example photos there)."""
     for folder in ("custom_nodes", "user", "input"):
         (base / folder).mkdir()
-    for name, photo in EXAMPLE_IMAGES.items():  # the images the example workflows name
-        shutil.copy(FACES / photo, base / "input" / name)
     (base / "custom_nodes" / "refface").symlink_to(REPO)
     tiny_restorer(seed=6).save_pretrained(base / "models" / "refface" / "refldm")
     with socket.socket() as s:
@@ -101,12 +103,30 @@ def server(tmp_path_factory):
     assert "IMPORT FAILED" not in (base / "server.log").read_text()
 
 
-def test_object_info_lists_every_node_and_the_examples_are_templates(server):
+def test_object_info_lists_every_node_and_the_templates_have_names_and_thumbnails(server):
     info = requests.get(server + "/object_info", timeout=30).json()
     assert NODE_IDS <= set(info)
     assert info["RefFaceLoadModel"]["input"]["required"]["model_name"][1]["options"] == ["refldm"]
     templates = requests.get(server + "/api/workflow_templates", timeout=30).json()
-    assert sorted(templates["refface"]) == [p.stem for p in EDITOR]
+    assert sorted(templates["refface"]) == [p.stem for p in EDITOR] == sorted(CASES)  # the card titles
+    for name in templates["refface"]:  # what a template card fetches: its thumbnail, then the workflow
+        thumbnail = requests.get(f"{server}/api/workflow_templates/refface/{name}.jpg", timeout=30)
+        assert thumbnail.status_code == 200 and thumbnail.headers["Content-Type"] == "image/jpeg", name
+        assert Image.open(io.BytesIO(thumbnail.content)).size == (256, 256)
+        workflow = requests.get(f"{server}/api/workflow_templates/refface/{name}.json", timeout=30)
+        assert workflow.status_code == 200 and workflow.json()["nodes"], name
+
+
+@pytest.mark.parametrize("workflow", API, ids=[p.stem for p in API])
+def test_every_template_runs_as_shipped_on_the_photos_the_pack_installed(server, base, workflow):
+    graph = json.loads(workflow.read_text())
+    loads = {n["_meta"]["title"]: n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}
+    assert loads and all((base / "input" / name).is_file() for name in loads.values())  # only the pack put them there
+    history = ComfyClient(server).run(graph, lambda event: None)
+    assert history["status"]["status_str"] == "success"
+    (saved,) = [i for o in history["outputs"].values() for i in o.get("images", []) if i["type"] == "output"]
+    restored = Image.open(base / "output" / saved["subfolder"] / saved["filename"])
+    assert restored.size == Image.open(base / "input" / loads["Input photo"]).size
 
 
 @pytest.mark.parametrize("workflow", API, ids=[p.stem for p in API])
@@ -120,12 +140,13 @@ def test_every_api_workflow_restores_with_websocket_progress(server, photos, tmp
     before, after = np.asarray(Image.open(photos / photo)), np.asarray(Image.open(paths[0]))
     assert after.shape == before.shape
     assert np.abs(after.astype(int) - before).mean() > 0.1  # the face changed
-    assert texts and texts[0].startswith("image 0:")  # the similarity report
+    assert any(t.startswith("image 0:") for t in texts)  # the faces and similarity reports
+    assert any(t.startswith("00_") for t in texts)  # Load Reference Faces' report on the references
 
 
 def test_interrupt_mid_run_then_the_next_run_works(server, photos):
     client = ComfyClient(server)
-    workflow = json.loads(API[-1].read_text())
+    workflow = json.loads((REPO / "workflows" / "api" / f"{SINGLE}.json").read_text())
     for node in workflow.values():
         if "steps" in node["inputs"]:
             node["inputs"]["steps"] = 1000
@@ -146,8 +167,7 @@ def test_interrupt_mid_run_then_the_next_run_works(server, photos):
 
 
 def test_cli_comfy_queue_and_a_clear_error_from_the_server(server, photos, tmp_path, capsys):
-    group = API[0]
-    assert group.stem == "refface_group_photo"
+    group = REPO / "workflows" / "api" / f"{GROUP}.json"
     args = ["comfy-queue", "--server", server, "--workflow", str(group), "--input", str(photos / "group.jpg")]
     assert main([*args, "--ref", str(photos / "macron_1.jpg"), "--out", str(tmp_path)]) == 0
     assert f"wrote {tmp_path / 'group_restored.png'}" in capsys.readouterr().out
@@ -160,20 +180,32 @@ def test_editor_workflows_load_in_headless_chromium(server, tmp_path):
     if shutil.which("node") is None or not (script.parent / "node_modules" / "playwright-core").is_dir():
         pytest.skip("needs node and `npm ci` in tests/e2e (playwright-core), plus Debian's chromium")
     out = Path(os.environ.get("REFFACE_E2E_SCREENSHOTS", tmp_path))
+    # the one-reference template with a reference of another person, as a user might pick by mistake
+    one = json.loads(next(p for p in EDITOR if "one reference" in p.stem).read_text())
+    for node in one["nodes"]:
+        if node["type"] == "LoadImage" and "reference" in node["widgets_values"][0]:
+            node["widgets_values"][0] = "refface_reference_obama.jpg"
+    wrong = tmp_path / "Wrong person as the reference.json"
+    wrong.write_text(json.dumps(one))
     result = subprocess.run(
-        ["node", str(script), "--server", server, "--out", str(out), "--run", *map(str, EDITOR)],
+        ["node", str(script), "--server", server, "--out", str(out), "--run", *map(str, [*EDITOR, wrong])],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["workflow"] for r in reports] == [p.stem for p in EDITOR], result.stderr[-3000:]
-    for report, editor in zip(reports, EDITOR, strict=True):
+    assert [r["workflow"] for r in reports] == [p.stem for p in [*EDITOR, wrong]], result.stderr[-3000:]
+    warned = [r for r in reports[-1]["reports"] if "may not be the person in the references" in r["text"]]
+    assert reports[-1]["run"]["outcome"] == "success" and warned and warned[0]["warnings"] >= 1, reports[-1]
+    for report, editor in zip(reports, EDITOR, strict=False):
         assert report["ok"] and report["missing"] == [], report
         assert Path(report["screenshot"]).stat().st_size > 10_000
         api = json.loads((REPO / "workflows" / "api" / editor.name).read_text())
         queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in report["prompt"].items()}
         assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+        assert report["combo_missing"] == [], report["combo_missing"]  # the frontend would flag a missing input
+        shown = {v["filename"] for v in report["views"] if v["status"] == 200 and v.get("type") == "input"}
+        assert {n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"} <= shown, report["views"]
         assert report["run"]["outcome"] == "success" and report["reports"], report  # run as Run does; reports shown
-    album = next(r for r in reports if "album" in r["workflow"])
+    album = next(r for r in reports if "several references" in r["workflow"])
     flagged = [r for r in album["reports"] if "FLAGGED" in r["text"]]
     assert flagged and flagged[0]["warnings"] >= 1 and "⚠" in flagged[0]["text"]  # Obama's photo, marked
     print("screenshots:", *(r["screenshot"] for r in reports), *(r["run_screenshot"] for r in reports))
