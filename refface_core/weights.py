@@ -73,12 +73,12 @@ def download(url: str, target: Path, progress: ByteProgress | None = None) -> No
                         progress(have, total)
     except requests.RequestException as e:
         raise RefFaceError(
-            f"download of {url} stopped after {have:,} bytes ({type(e).__name__}); run the command again to resume"
+            f"download of {url} stopped after {have:,} bytes ({type(e).__name__}); run again (command or workflow) to resume"
         ) from None
     except OSError as e:  # after requests' errors, which are OSErrors too
         raise RefFaceError(f"cannot write {part}: {e.strerror or e}") from None
     if total is not None and have != total:
-        raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); run it again to resume")
+        raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); run again (command or workflow) to resume")
     try:
         os.replace(part, target)
     except OSError as e:
@@ -138,9 +138,9 @@ def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> No
             states.append(load_checkpoint(folder / name))
         except RefFaceError as e:
             if name not in fetched:
-                raise RefFaceError(f"{e} Delete it and run `refface download` again to fetch it.") from None
+                raise RefFaceError(f"{e} Delete it and run again (command or workflow) to fetch it.") from None
             (folder / name).unlink()  # damaged in transit: removed, so that the next run fetches it again
-            raise RefFaceError(f"{e} It was removed: run `refface download` again to fetch it again.") from None
+            raise RefFaceError(f"{e} It was removed: run again (command or workflow) to fetch it.") from None
     try:
         model = convert_refldm(*states)
     except RefFaceError as e:  # not ReF-LDM's checkpoints
