@@ -7,43 +7,37 @@ and insightface without its dependencies (the ones it needs besides onnxruntime 
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
-from collections.abc import Callable
 from importlib import metadata
 
-ONNXRUNTIME_BUILDS = (
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnxruntime-directml",
-    "onnxruntime-openvino",
-    "onnxruntime-rocm",
-    "onnxruntime-silicon",
-    "onnxruntime-qnn",
-)
 ONNXRUNTIME = "onnxruntime>=1.17"
 INSIGHTFACE = "insightface>=2.1"
+INSIGHTFACE_RELEASE = (2, 1)
 
 
-def installed(name: str) -> bool:
+def version(name: str) -> str | None:
     try:
-        metadata.version(name)
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return False
-    return True
+        return None
 
 
-def pip_commands(is_installed: Callable[[str], bool] = installed) -> list[list[str]]:
-    """The `pip install` arguments still needed: nothing that an existing onnxruntime build or insightface covers."""
+def pip_commands(onnxruntime_importable: bool, insightface: str | None) -> list[list[str]]:
+    """The `pip install` arguments still needed: the CPU onnxruntime only where no build of it imports (whatever its
+    name: -gpu, -directml, -openvino, nightlies), and insightface where it is missing or older than 2.1."""
     commands = []
-    if not any(is_installed(build) for build in ONNXRUNTIME_BUILDS):
+    if not onnxruntime_importable:
         commands.append([ONNXRUNTIME])
-    if not is_installed("insightface"):
-        commands.append(["--no-deps", INSIGHTFACE])
+    release = tuple(int(part) for part in re.findall(r"\d+", insightface or "")[:2])
+    if insightface is None or release < INSIGHTFACE_RELEASE:
+        commands.append(["--no-deps", "--upgrade", INSIGHTFACE])
     return commands
 
 
 if __name__ == "__main__":
-    for arguments in pip_commands():
+    for arguments in pip_commands(importlib.util.find_spec("onnxruntime") is not None, version("insightface")):
         print("RefFace: pip install", *arguments, flush=True)
         subprocess.check_call([sys.executable, "-m", "pip", "install", *arguments])

@@ -32,7 +32,7 @@ from .runtime import Offloadable, SamplingProgress, load_on_device, report, to_a
 from .types import ContextType, FaceCrops, FaceCropsType, Identity, IdentityType, RefFaceModel
 
 NODE_WORDING = Wording(  # the core's face-choice messages, in the nodes' terms
-    choose_face="select: largest, or connect the face's crop from Crop Faces",
+    choose_face="select: largest, for the biggest face",
     all_faces="select: all",
     aligned="RefFace Restore, which takes aligned crops",
 )

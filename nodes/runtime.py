@@ -23,8 +23,6 @@ from refface_core.weights import MODEL_NAME, download_model
 
 log = logging.getLogger("refface")
 
-log = logging.getLogger("refface")
-
 # our own models/<folder>/ -> the file endings its dropdowns list
 MODEL_FOLDERS = {
     "refface": {".json"},  # a model is a folder: <name>/config.json + model.safetensors

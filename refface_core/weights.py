@@ -40,6 +40,9 @@ def download_base() -> str:
     return (os.environ.get("REFFACE_DOWNLOAD_BASE") or RELEASE_URL).rstrip("/")
 
 
+AGAIN = "run again (the command, or the workflow in ComfyUI)"  # both front ends call the download
+
+
 def download(url: str, target: Path, progress: ByteProgress | None = None) -> None:
     """Fetch ``url`` into ``target`` through ``target.part``, which an interrupted run leaves behind to be resumed:
     a 206 answer with Content-Range appends to it, a 200 starts it again, and a part file the server cannot resume
@@ -73,12 +76,12 @@ def download(url: str, target: Path, progress: ByteProgress | None = None) -> No
                         progress(have, total)
     except requests.RequestException as e:
         raise RefFaceError(
-            f"download of {url} stopped after {have:,} bytes ({type(e).__name__}); run again (command or workflow) to resume"
+            f"download of {url} stopped after {have:,} bytes ({type(e).__name__}); {AGAIN} to resume"
         ) from None
     except OSError as e:  # after requests' errors, which are OSErrors too
         raise RefFaceError(f"cannot write {part}: {e.strerror or e}") from None
     if total is not None and have != total:
-        raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); run again (command or workflow) to resume")
+        raise RefFaceError(f"download of {url} is incomplete ({have:,} of {total:,} bytes); {AGAIN} to resume")
     try:
         os.replace(part, target)
     except OSError as e:
@@ -138,9 +141,9 @@ def _convert_atomically(folder: Path, model_dir: Path, fetched: list[str]) -> No
             states.append(load_checkpoint(folder / name))
         except RefFaceError as e:
             if name not in fetched:
-                raise RefFaceError(f"{e} Delete it and run again (command or workflow) to fetch it.") from None
+                raise RefFaceError(f"{e} Delete it and {AGAIN} to fetch it.") from None
             (folder / name).unlink()  # damaged in transit: removed, so that the next run fetches it again
-            raise RefFaceError(f"{e} It was removed: run again (command or workflow) to fetch it.") from None
+            raise RefFaceError(f"{e} It was removed: {AGAIN} to fetch it.") from None
     try:
         model = convert_refldm(*states)
     except RefFaceError as e:  # not ReF-LDM's checkpoints

@@ -20,10 +20,11 @@ def load_install():
 
 def test_the_cpu_build_only_where_no_onnxruntime_build_is_and_insightface_without_its_dependencies():
     install = load_install()
-    assert install.pip_commands(lambda name: False) == [["onnxruntime>=1.17"], ["--no-deps", "insightface>=2.1"]]
-    for build in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml"):
-        assert install.pip_commands(lambda name, b=build: name == b) == [["--no-deps", "insightface>=2.1"]]
-    assert install.pip_commands(lambda name: name in {"onnxruntime-gpu", "insightface"}) == []
+    insightface = ["--no-deps", "--upgrade", "insightface>=2.1"]
+    assert install.pip_commands(False, None) == [["onnxruntime>=1.17"], insightface]
+    assert install.pip_commands(True, None) == [insightface]  # any build that imports: -gpu, -directml, nightlies
+    assert install.pip_commands(True, "0.7.3") == [insightface]  # older than the release RefFace is tested with
+    assert install.pip_commands(True, "2.1") == install.pip_commands(True, "3.0.1") == []
 
 
 def test_requirements_name_neither_onnxruntime_nor_insightface():

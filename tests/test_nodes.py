@@ -554,7 +554,7 @@ def test_reports_are_shown_on_the_nodes_with_their_warnings_marked(pack, person,
     assert len(warned) == 1 and "warning: face 0 may not be the person in the references" in warned[0]
 
     with pytest.raises(
-        RefFaceError, match=r"choose the face \(select: largest, or connect .*\) or restore all \(select: all\)"
+        RefFaceError, match=r"choose the face \(select: largest, for the biggest face\) or restore all \(select: all\)"
     ):
         pack.node_class("RefFaceRestorePhoto").execute(
             model=person.model, context=person.context, face_analysis=person.analysis,

@@ -32,7 +32,9 @@ def test_an_interrupted_download_resumes(server, tmp_path, honour_range):
     server.honour_range = honour_range
     server.drop_after["vqgan.ckpt"] = 300_000
     target = tmp_path / "vqgan.ckpt"
-    with pytest.raises(RefFaceError, match=r"stopped after .* bytes .*run again \(command or workflow\) to resume"):
+    with pytest.raises(
+        RefFaceError, match=r"stopped after .* bytes .*run again \(the command, or the workflow in ComfyUI\) to resume"
+    ):
         download(f"{server.url}/vqgan.ckpt", target)
     kept = (tmp_path / "vqgan.ckpt.part").stat().st_size
     assert 200_000 < kept <= 300_000 and not target.exists()
@@ -84,7 +86,7 @@ def test_a_damaged_checkpoint_leaves_no_model_behind(server, stand_ins, tmp_path
     monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", server.url)
     assert main(["download", "--dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "cannot load" in err and "It was removed: run again (command or workflow) to fetch it" in err
+    assert "cannot load" in err and "It was removed: run again (the command, or the workflow in ComfyUI)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vqgan.ckpt"]  # no model, no partial folder
     server.files["refldm.ckpt"] = stand_ins["refldm.ckpt"]  # the file fixed on the server
     assert main(["download", "--dir", str(tmp_path)]) == 0
@@ -99,7 +101,7 @@ def test_a_damaged_checkpoint_of_the_users_is_not_deleted(server, stand_ins, tmp
     monkeypatch.setenv("REFFACE_DOWNLOAD_BASE", server.url)
     (tmp_path / "vqgan.ckpt").write_bytes(b"the user's own, damaged")
     assert main(["download", "--dir", str(tmp_path)]) == 1
-    assert "Delete it and run again (command or workflow)" in capsys.readouterr().err
+    assert "Delete it and run again (the command, or the workflow in ComfyUI)" in capsys.readouterr().err
     assert (tmp_path / "vqgan.ckpt").read_bytes() == b"the user's own, damaged"
     assert not (tmp_path / "refldm").exists()
 

@@ -1,12 +1,12 @@
 // RefFace: a node's report (reference verdicts, face choices, similarities) shown on the node after each run, its
-// warnings marked in colour with a sign, and the node tinted when any line warns. The server sends the report as
-// the node's ui output: "text" (lines) and "refface_warnings" (one flag per line).
+// warnings marked with a sign in orange and an orange outline round the node. The server sends the report as the
+// node's ui output: "text" (lines) and "refface_warnings" (one flag per line). Nothing here is saved in the workflow.
 import { app } from "../../scripts/app.js";
 
-const WARNING_TEXT = "#ffb347";
-const WARNING_NODE = { color: "#8a4b08", bgcolor: "#4d2f12" };
+const WARNING = "#ffb347";
+const LINE_HEIGHT = 14;
 
-function reportElement(node) {
+function reportWidget(node) {
   let widget = node.widgets?.find((w) => w.name === "refface_report");
   if (!widget) {
     const element = document.createElement("div");
@@ -21,31 +21,31 @@ function reportElement(node) {
       background: "var(--comfy-input-bg, #222)",
     });
     widget = node.addDOMWidget("refface_report", "refface_report", element, {
-      serialize: false,
-      getMinHeight: () => 60,
+      getMinHeight: () => LINE_HEIGHT * Math.min(2 * (node.refface_lines ?? 1), 10) + 12, // a line often wraps
     });
+    widget.serialize = false; // a report, not a setting: not in widgets_values
   }
-  return widget.element;
+  return widget;
 }
 
 function showReport(node, lines, warnings) {
-  const element = reportElement(node);
-  element.replaceChildren(
-    ...lines.map((line, i) => {
+  const widget = reportWidget(node);
+  const order = [...lines.keys()].sort((a, b) => warnings[b] - warnings[a]); // warnings first: seen unscrolled
+  widget.element.replaceChildren(
+    ...order.map((i) => {
+      const line = lines[i];
       const row = document.createElement("div");
       row.textContent = warnings[i] ? `⚠ ${line}` : line;
       if (warnings[i]) {
         row.className = "refface-warning";
-        Object.assign(row.style, { color: WARNING_TEXT, fontWeight: "bold" });
+        Object.assign(row.style, { color: WARNING, fontWeight: "bold" });
       }
       return row;
     }),
   );
-  if (node.refface_colours === undefined) node.refface_colours = { color: node.color, bgcolor: node.bgcolor };
-  const colours = warnings.some(Boolean) ? WARNING_NODE : node.refface_colours;
-  node.color = colours.color;
-  node.bgcolor = colours.bgcolor;
-  node.setSize([Math.max(node.size[0], 420), node.computeSize()[1] + 18 * Math.min(lines.length, 12)]);
+  node.refface_lines = lines.length;
+  node.refface_warned = warnings.some(Boolean);
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   node.setDirtyCanvas(true, true);
 }
 
@@ -57,6 +57,20 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
       if (output?.text && output?.refface_warnings) showReport(this, output.text, output.refface_warnings);
+    };
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function (ctx) {
+      onDrawForeground?.apply(this, arguments);
+      if (!this.refface_warned || this.flags?.collapsed) return;
+      const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+      ctx.save();
+      ctx.strokeStyle = WARNING;
+      ctx.lineWidth = 3;
+      ctx.strokeRect(-2, -title - 2, this.size[0] + 4, this.size[1] + title + 4);
+      ctx.fillStyle = WARNING;
+      ctx.font = "bold 16px sans-serif";
+      ctx.fillText("⚠", this.size[0] - 22, -title / 2 + 6);
+      ctx.restore();
     };
   },
 });
