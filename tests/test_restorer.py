@@ -202,3 +202,31 @@ def test_bad_images_in_the_api_are_refused(model, face, refs, message):
     with pytest.raises(RefFaceError) as error:
         model.restore(face, [ref] if refs is None else refs, steps=1)
     assert message in str(error.value)
+
+
+def test_the_reference_pass_stops_after_the_last_attention_layer(model):
+    """Nothing after the last attention layer is used by a reference pass: it is not run, and the recorded keys and
+    values are exactly those of a whole forward pass."""
+    from refface_core.model.unet import KVRecorder, unet_forward
+
+    refs = torch.randn(2, 2 * model.unet_config["out_channels"], 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.zeros(2, dtype=torch.long)
+
+    class WholePass:  # records as a KVRecorder does, but is not one: the whole forward runs
+        extend = KVRecorder.extend
+
+        def __init__(self) -> None:
+            self.layers = {}
+
+    whole = WholePass()
+    assert unet_forward(model.unet, refs, t, whole) is not None
+    calls = []
+    hook = model.unet.conv_out.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        recorder = KVRecorder()
+        assert unet_forward(model.unet, refs, t, recorder) is None
+    finally:
+        hook.remove()
+    assert calls == [] and recorder.layers.keys() == whole.layers.keys() and len(recorder.layers) >= 2
+    for name, (k, v) in recorder.layers.items():
+        assert torch.equal(k, whole.layers[name][0]) and torch.equal(v, whole.layers[name][1]), name

@@ -150,11 +150,15 @@ def unet_forward(
     cache_kv: KVRecorder | CacheKV | None = None,
     context: Context | None = None,
     gradient_checkpointing: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """UNet2DModel's forward, with the CacheKV object and the context tokens handed to every attention layer.
-    ``gradient_checkpointing`` recomputes the ResNet blocks in the backward pass instead of storing them."""
+    ``gradient_checkpointing`` recomputes the ResNet blocks in the backward pass instead of storing them. A reference
+    pass (a KVRecorder) returns None once the last attention layer has recorded: nothing after it is used."""
+    unrecorded = sum(isinstance(m, Attention) for m in unet.modules()) if isinstance(cache_kv, KVRecorder) else -1
 
     def attend(attn: Attention, h: torch.Tensor) -> torch.Tensor:
+        nonlocal unrecorded
+        unrecorded -= 1
         return attn.processor(attn, h, cache_kv=cache_kv, context=context)
 
     def run(resnet: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -172,6 +176,8 @@ def unet_forward(
             h = run(resnet, h, emb)
             if attentions is not None:
                 h = attend(attentions[i], h)
+                if unrecorded == 0:
+                    return None
             skips.append(h)
         if block.downsamplers is not None:
             h = block.downsamplers[0](h)
@@ -180,7 +186,10 @@ def unet_forward(
     mid = unet.mid_block
     h = run(mid.resnets[0], h, emb)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
-        h = run(resnet, attend(attn, h), emb)
+        h = attend(attn, h)
+        if unrecorded == 0:
+            return None
+        h = run(resnet, h, emb)
 
     for block in unet.up_blocks:
         attentions = getattr(block, "attentions", None)
@@ -188,6 +197,8 @@ def unet_forward(
             h = run(resnet, torch.cat([h, skips.pop()], dim=1), emb)
             if attentions is not None:
                 h = attend(attentions[i], h)
+                if unrecorded == 0:
+                    return None
         if block.upsamplers is not None:
             h = block.upsamplers[0](h)
 
