@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import folder_paths
+
+from refface_core.files import write_atomic
 
 PHOTOS = Path(__file__).resolve().parents[1] / "workflows" / "photos"  # refface_*.jpg, named as the templates name them
 log = logging.getLogger("refface")
@@ -31,28 +32,7 @@ def install_examples() -> None:
 
 
 def _copy_if_absent(source: Path, destination: Path) -> bool:
-    """Write a temporary file, then give it the name only if the name is free: the file appears whole or not at all,
-    and a file made meanwhile by someone else is kept."""
+    """Copy whole or not at all, and only under a free name: a file made meanwhile by someone else is kept."""
     if os.path.lexists(destination):
         return False
-    temporary = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(source, "rb") as src, open(temporary, "xb") as out:
-            shutil.copyfileobj(src, out)
-        _claim(temporary, destination)
-    except FileExistsError:
-        return False
-    finally:
-        temporary.unlink(missing_ok=True)
-    return True
-
-
-def _claim(temporary: Path, destination: Path) -> None:
-    try:
-        os.link(temporary, destination)  # refuses an existing name, unlike a POSIX rename
-    except FileExistsError:
-        raise
-    except OSError:
-        if os.name != "nt":
-            raise
-        os.rename(temporary, destination)  # a drive without hard links (FAT): Windows' rename refuses an existing name
+    return write_atomic(destination, lambda tmp: shutil.copyfile(source, tmp), replace=False)

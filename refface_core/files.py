@@ -15,20 +15,40 @@ from typing import Any
 from .errors import RefFaceError
 
 
-def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[str], Any], replace: bool = True) -> bool:
     """``write(tmp_path)`` beside ``path``, then rename: an existing file is never left half-written. The file gets
     the permissions a plain open() would give it (the umask's), or keeps those of the file it replaces. The
-    temporary file is named after this process, so one left by a process that was killed is removed next time."""
+    temporary file is named after this process, so one left by a process that was killed is removed next time.
+    With ``replace`` False, the name is taken only while free (a file made meanwhile is kept): False if it was not."""
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")  # 0600
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        elif not _take_free_name(tmp, path):
+            return False
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+    return True
+
+
+def _take_free_name(tmp: str, path: Path) -> bool:
+    """Give ``tmp`` the name ``path`` if it is free; False if it is taken."""
+    try:
+        os.link(tmp, path)  # refuses an existing name, unlike a POSIX rename
+    except FileExistsError:
+        return False
+    except OSError:
+        if os.name != "nt":
+            raise
+        try:
+            os.rename(tmp, path)  # a drive without hard links (FAT): Windows' rename refuses an existing name
+        except FileExistsError:
+            return False
+    return True
 
 
 def write_folder_atomic(folder: Path, write: Callable[[Path], Any]) -> None:
