@@ -213,7 +213,7 @@ def test_the_reference_pass_stops_after_the_last_attention_layer(model):
     t = torch.zeros(2, dtype=torch.long)
 
     class WholePass:  # records as a KVRecorder does, but is not one: the whole forward runs
-        extend = KVRecorder.extend
+        attend = KVRecorder.attend
 
         def __init__(self) -> None:
             self.layers = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from ..sampling.sampler import Denoiser, StepCallback
 from .config import FORMAT, check_model_config, weight_value_problems
 from .tensors import ImageLike, from_model_tensor, to_model_tensor
 from .unet import (
+    KV,
     CacheKV,
     KVRecorder,
     ReferenceAttnProcessor,
@@ -64,6 +67,8 @@ class RefFaceRestorer(nn.Module):
         self.vq = VQModel(**self.vq_config)
         self.context_config = None
         self.context_encoder = None
+        self._empty_kv: tuple[torch.Size, list, dict[str, KV]] | None = None  # see empty_reference_kv
+        self._main_pass = unet_forward
         install_reference_attention(self.unet)
         if context_config is not None:
             self.add_composite_context(context_config)
@@ -138,6 +143,16 @@ class RefFaceRestorer(nn.Module):
         write_atomic(path / WEIGHTS_NAME, lambda f: save_file(weights, f))
         write_atomic(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
 
+    def set_compile(self, enabled: bool = True) -> None:
+        """Run the denoiser's UNet calls through ``torch.compile``: inductor, and on CUDA mode "reduce-overhead",
+        which also captures CUDA graphs. The first call at each batch shape compiles (seconds for a tiny model,
+        minutes at full size on a CPU); later calls in the process, for any restorer, reuse it."""
+        self._main_pass = (
+            compiled_unet_forward("reduce-overhead" if self.device.type == "cuda" else "default")
+            if enabled
+            else unet_forward
+        )
+
     @property
     def device(self) -> torch.device:
         return self.unet.conv_in.weight.device
@@ -204,7 +219,7 @@ class RefFaceRestorer(nn.Module):
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
             x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
-            eps = unet_forward(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
+            eps = self._main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
             if len(branches) == 1 and branches[0].weight == 1.0:
                 return eps
             return (weights * eps.unflatten(0, (len(branches), b))).sum(0)
@@ -229,13 +244,32 @@ class RefFaceRestorer(nn.Module):
 
     @torch.no_grad()
     def reference_kv(self, ref_latents: torch.Tensor, slots: torch.Tensor) -> CacheKV:
-        """One UNet pass at t=0 per (sample, reference) and one for ∅ (all zeros), laid out per row by ``slots``."""
+        """One UNet pass at t=0 per (sample, reference), laid out per row by ``slots`` with ∅ (all zeros) last."""
         refs = ref_latents.to(self.device, self.dtype).flatten(0, 1)
-        refs = torch.cat([refs, torch.zeros_like(refs[:1])])
         recorder = KVRecorder()
         inputs = torch.cat([refs, torch.zeros_like(refs)], dim=1)
         unet_forward(self.unet, inputs, torch.zeros(len(refs), dtype=torch.long, device=self.device), recorder)
-        return recorder.gather(slots)
+        empty = self.empty_reference_kv(inputs.shape[1:])
+        layers = {
+            name: (torch.cat([k, empty[name][0]]), torch.cat([v, empty[name][1]]))
+            for name, (k, v) in recorder.layers.items()
+        }
+        return CacheKV(layers, slots)
+
+    def empty_reference_kv(self, shape: torch.Size) -> dict[str, KV]:
+        """∅'s keys and values depend only on the weights: computed once and kept while every UNet parameter is
+        the same tensor with the same storage and version (training steps, loading, ``.to()`` and offloading each
+        change one of them)."""
+        weights = [
+            (weakref.ref(p), p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters()
+        ]
+        cached = self._empty_kv
+        if cached is None or cached[0] != shape or not _same_weights(cached[1], weights):
+            recorder = KVRecorder()
+            zeros = torch.zeros(1, *shape, device=self.device, dtype=self.dtype)
+            unet_forward(self.unet, zeros, torch.zeros(1, dtype=torch.long, device=self.device), recorder)
+            self._empty_kv = cached = (shape, weights, recorder.layers)
+        return cached[2]
 
     def predict_noise(
         self,
@@ -350,10 +384,24 @@ class RefFaceRestorer(nn.Module):
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         x_T = torch.cat([torch.randn(lq_latent.shape, generator=generator) for generator in generators])
         latents = self.sample(
-            lq_latent.expand(len(seeds), -1, -1, -1), references.latents, x_T=x_T, generator=generators[0],
-            ref_tokens=references.tokens, **sample_options,
-        )  # fmt: skip
+            lq_latent.expand(len(seeds), -1, -1, -1),
+            references.latents,
+            x_T=x_T,
+            generator=generators[0],
+            ref_tokens=references.tokens,
+            **sample_options,
+        )
         return [from_model_tensor(image[None], like=lq_face) for image in self.decode(latents)]
+
+
+@functools.cache
+def compiled_unet_forward(mode: str) -> Callable[..., torch.Tensor]:
+    """One compiled ``unet_forward`` per mode for the process: its compiled graphs are kept across restores."""
+    return torch.compile(unet_forward, mode=mode, dynamic=False)
+
+
+def _same_weights(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x[0]() is y[0]() and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
 
 
 def _gather_tokens(tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

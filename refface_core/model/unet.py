@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -56,35 +57,77 @@ class KVRecorder:
     def __init__(self) -> None:
         self.layers: dict[str, KV] = {}
 
-    def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> KV:
+    def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.layers[name] = (k, v)
-        return k, v
+        return F.scaled_dot_product_attention(q, k, v)
 
     def gather(self, slots: torch.Tensor) -> CacheKV:
         """Lay out the recorded passes for a main batch: row r attends to passes ``slots[r, 0..S-1]``."""
-        rows, count = slots.shape
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            _, heads, tokens, dim = t.shape
-            return (
-                t[slots.flatten()]
-                .view(rows, count, heads, tokens, dim)
-                .transpose(1, 2)
-                .reshape(rows, heads, count * tokens, dim)
-            )
-
-        return CacheKV({name: (pick(k), pick(v)) for name, (k, v) in self.layers.items()})
+        return CacheKV(self.layers, slots)
 
 
 class CacheKV:
-    """Reference keys and values per attention layer, already laid out per main-batch row."""
+    """Reference keys and values per attention layer, laid out per main-batch row.
 
-    def __init__(self, layers: dict[str, KV]) -> None:
-        self.layers = layers
+    A row attends to its own tokens, then to those of its reference slots. S slots holding the same pass count
+    once with a +ln S bias on their logits: softmax gives S identical keys S times the weight, so this is exact,
+    and a CFG row's S copies of ∅ cost one. Rows are grouped into runs with the same number of distinct passes;
+    each run has one preallocated [rows, heads, own + reference tokens, d] buffer per layer, reference part in
+    place, so a step writes only its own tokens (with autograd on, they are concatenated instead)."""
 
-    def extend(self, name: str, k: torch.Tensor, v: torch.Tensor) -> KV:
-        ref_k, ref_v = self.layers[name]
-        return torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
+    def __init__(self, layers: dict[str, KV], slots: torch.Tensor) -> None:
+        self.runs = _runs_of_distinct_passes(slots)
+        self.layers = {
+            name: [_laid_out(k, v, passes, counts) for _, passes, counts in self.runs]
+            for name, (k, v) in layers.items()
+        }
+
+    def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for (rows, _, _), (keys, values, bias) in zip(self.runs, self.layers[name], strict=True):
+            own = k.shape[2]
+            if torch.is_grad_enabled():
+                keys = torch.cat([k[rows], keys[:, :, own:]], dim=2)
+                values = torch.cat([v[rows], values[:, :, own:]], dim=2)
+            else:
+                keys[:, :, :own].copy_(k[rows])
+                values[:, :, :own].copy_(v[rows])
+            outs.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _runs_of_distinct_passes(slots: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Split the rows into runs of consecutive rows with the same number U of distinct passes in their slots:
+    (rows, passes [rows, U], how often each appears [rows, U])."""
+    distinct = [torch.unique(row, return_counts=True) for row in slots.cpu()]
+    runs, start = [], 0
+    for end in range(1, len(distinct) + 1):
+        if end == len(distinct) or len(distinct[end][0]) != len(distinct[start][0]):
+            passes = torch.stack([d[0] for d in distinct[start:end]]).to(slots.device)
+            counts = torch.stack([d[1] for d in distinct[start:end]]).to(slots.device)
+            runs.append((slice(start, end), passes, counts))
+            start = end
+    return runs
+
+
+def _laid_out(
+    k: torch.Tensor, v: torch.Tensor, passes: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Recorded [passes, heads, tokens, d] -> buffers [rows, heads, tokens + U·tokens, d] whose first ``tokens`` are
+    left for the row's own keys or values, then those of its U passes; and the ln(count) bias (None if all 1)."""
+    rows, count = passes.shape
+    _, heads, tokens, dim = k.shape
+
+    def buffer(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_empty(rows, heads, (1 + count) * tokens, dim)
+        refs = out[:, :, tokens:].view(rows, heads, count, tokens, dim)
+        refs.copy_(t[passes.flatten()].view(rows, count, heads, tokens, dim).transpose(1, 2))
+        return out
+
+    bias = None
+    if (counts > 1).any():
+        bias = F.pad(counts.to(k.dtype).log().repeat_interleave(tokens, dim=1), (tokens, 0))[:, None, None]
+    return buffer(k), buffer(v), bias
 
 
 class ReferenceAttnProcessor(nn.Module):
@@ -126,14 +169,13 @@ class ReferenceAttnProcessor(nn.Module):
             return t.transpose(1, 2).reshape(b, h * w, c)
 
         q, k, v = split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x))
-        if cache_kv is not None:
-            k, v = cache_kv.extend(self.name, k, v)
-        out = attn.to_out[0](join(F.scaled_dot_product_attention(q, k, v)))
+        attended = F.scaled_dot_product_attention(q, k, v) if cache_kv is None else cache_kv.attend(self.name, q, k, v)
+        out = attn.to_out[0](join(attended))
         if context is not None and self.has_context:
             tokens, scale = context
             cross = F.scaled_dot_product_attention(q, split(self.to_k_ctx(tokens)), split(self.to_v_ctx(tokens)))
             out = out + scale * self.to_out_ctx(join(cross))
-        return out.transpose(1, 2).reshape(b, c, h, w) + hidden_states
+        return hidden_states + out.transpose(1, 2).unflatten(2, (h, w))  # one strided read, not a copy first
 
 
 def install_reference_attention(unet: UNet2DModel, context_width: int | None = None) -> None:
@@ -141,6 +183,16 @@ def install_reference_attention(unet: UNet2DModel, context_width: int | None = N
     for name, module in unet.named_modules():
         if isinstance(module, Attention):
             module.set_processor(ReferenceAttnProcessor(name, module.to_q.out_features, context_width))
+
+
+def lean_resnet(resnet: ResnetBlock2D, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+    """ResnetBlock2D's forward for ReF-LDM's blocks (SiLU, time embedding added, no resampling) without autograd:
+    activations and additions in place, and no divide by an ``output_scale_factor`` of 1. ``emb_act`` = SiLU(emb)."""
+    h = resnet.conv1(F.silu(resnet.norm1(x), inplace=True))
+    h += resnet.time_emb_proj(emb_act)[:, :, None, None]
+    h = resnet.conv2(resnet.dropout(F.silu(resnet.norm2(h), inplace=True)))
+    h += x if resnet.conv_shortcut is None else resnet.conv_shortcut(x)
+    return h if resnet.output_scale_factor == 1 else h.div_(resnet.output_scale_factor)
 
 
 def unet_forward(
@@ -161,13 +213,16 @@ def unet_forward(
         unrecorded -= 1
         return attn.processor(attn, h, cache_kv=cache_kv, context=context)
 
-    def run(resnet: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def run(resnet: ResnetBlock2D, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return lean_resnet(resnet, h, emb_act)
         h = h.contiguous()  # a channels-last input crashes torch 2.13's CPU convolution backward (seen in training)
-        if gradient_checkpointing and torch.is_grad_enabled():
+        if gradient_checkpointing:
             return torch.utils.checkpoint.checkpoint(resnet, h, emb, use_reentrant=False)
         return resnet(h, emb)
 
     emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
+    emb_act = F.silu(emb)  # every block's time projection takes SiLU(emb)
     h = unet.conv_in(sample)
     skips = [h]
     for block in unet.down_blocks:
