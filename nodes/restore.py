@@ -119,9 +119,9 @@ class RefFaceRestore(io.ComfyNode):
         (restorer,) = load_on_device(model)
         crops = to_arrays(faces)
         progress = SamplingProgress(restorer, len(crops), options["steps"])
-        restored = [
-            restorer.restore(crop, context, seed=seed, callback=progress, **sample_options(**options)) for crop in crops
-        ]
+        restored = restorer.restore_batch(
+            crops, context, [seed] * len(crops), callback=progress, **sample_options(**options)
+        )
         return io.NodeOutput(to_image(restored))
 
 

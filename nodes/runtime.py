@@ -174,8 +174,9 @@ def to_image(arrays: list[np.ndarray]) -> torch.Tensor:
 
 
 class SamplingProgress:
-    """Sampling callback: one progress tick per step over all faces, a decoded preview about ten times per face
-    (unless previews are off), and the Cancel button checked after every step."""
+    """Sampling callback: one progress tick per step of each face (a step of a batch of faces counts once per face),
+    a decoded preview about ten times per batch (unless previews are off), and the Cancel button checked after every
+    step."""
 
     def __init__(self, restorer: RefFaceRestorer, faces: int, steps: int) -> None:
         self.restorer, self.every, self.done = restorer, max(1, steps // 10), 0
@@ -183,7 +184,7 @@ class SamplingProgress:
 
     def __call__(self, step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         mm.throw_exception_if_processing_interrupted()
-        self.done += 1
+        self.done += len(x)
         preview = None
         if args.preview_method != LatentPreviewMethod.NoPreviews and (step % self.every == 0 or step == total):
             face = from_model_tensor(self.restorer.decode(x0[:1]), like=np.zeros((1, 1, 3), np.uint8))

@@ -90,7 +90,8 @@ def restore_faces(
     log: Callable[[str], None] = print,
     **sample_options: Any,
 ) -> RestoredPhoto:
-    """Restore the ``targets`` among ``faces`` of ``photo`` as ``restore_photo`` does."""
+    """Restore the ``targets`` among ``faces`` of ``photo`` as ``restore_photo`` does: all of them, and all seeds,
+    sampled together (see ``restore_crops``), then pasted back one by one."""
     base = check_photo(photo)
     photo = to_8bit(base)
     if upscale is None:
@@ -102,27 +103,35 @@ def restore_faces(
         log(f"upscaling the photo {upscale:g}× to {size[0]}×{size[1]} (Lanczos)")
     factors = (base.shape[1] / photo.shape[1], base.shape[0] / photo.shape[0])  # as rounded to whole pixels
     grayscale = None if tone and is_grayscale(photo) else False  # a grey photo: each face's crop confirms it
+    aligned = [align_face(photo, faces[i].landmarks, restorer.image_size) for i in targets]
+    if targets:
+        log(f"restoring {len(targets)} face(s)" + (f", {len(seeds)} candidates each" if len(seeds) > 1 else ""))
+    crops = restore_crops(restorer, [crop for crop, _ in aligned], context, seeds, tone, grayscale, **sample_options)
     restored = [base] * len(seeds)
-    for i in targets:
-        crop, affine = align_face(photo, faces[i].landmarks, restorer.image_size)
-        log(f"face {i}: restoring")
-        candidates = restore_crop(restorer, crop, context, seeds, tone, grayscale, **sample_options)
+    for i, (_, affine), versions in zip(targets, aligned, crops, strict=True):
+        log(f"face {i}: restored, pasting it back")
         affine = scale_affine(affine, *factors)
-        restored = [paste_back(image, face, affine) for image, face in zip(restored, candidates, strict=True)]
+        restored = [paste_back(image, face, affine) for image, face in zip(restored, versions, strict=True)]
     return RestoredPhoto(restored, list(targets), upscale)
 
 
-def restore_crop(
+def restore_crops(
     restorer: RefFaceRestorer,
-    crop: np.ndarray,
+    crops: Sequence[np.ndarray],
     context: CompositeContext,
     seeds: Sequence[int] = (2024,),
     tone: bool = True,
     grayscale: bool | None = None,
     **sample_options: Any,
-) -> list[np.ndarray]:
-    """An aligned face crop restored once per seed, in the crop's tone (``grayscale``: None decides from the crop)."""
-    if grayscale is None:
-        grayscale = tone and is_grayscale(crop)
-    faces = restorer.restore_candidates(crop, context, seeds, **sample_options)
-    return [match_tone(face, crop, grayscale) if tone else face for face in faces]
+) -> list[list[np.ndarray]]:
+    """Aligned face crops of one person, each restored once per seed, all in one ``restore_batch``, and each in its
+    crop's tone (``grayscale``: None decides from each crop)."""
+    restored = restorer.restore_batch(
+        [crop for crop in crops for _ in seeds], context, [seed for _ in crops for seed in seeds], **sample_options
+    )
+    per_crop = []
+    for k, crop in enumerate(crops):
+        faces = restored[k * len(seeds) : (k + 1) * len(seeds)]
+        gray = (tone and is_grayscale(crop)) if grayscale is None else grayscale
+        per_crop.append([match_tone(face, crop, gray) if tone else face for face in faces])
+    return per_crop

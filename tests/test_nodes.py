@@ -256,6 +256,23 @@ def test_crop_restore_paste_with_progress_previews_and_similarity(pack, person, 
     assert first.startswith("image 0: face 0:") and first.endswith("(same)") and second.endswith("(other)")
 
 
+def test_restore_samples_a_batch_of_faces_together_and_counts_each_faces_steps(pack, person, monkeypatch):
+    import comfy.utils
+
+    from refface_core import RefFaceRestorer
+
+    ticks, runs, sample = [], [], RefFaceRestorer.sample
+    monkeypatch.setattr(
+        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, **_: ticks.append((value, total))
+    )
+    monkeypatch.setattr(
+        RefFaceRestorer, "sample", lambda self, lq, *a, **k: (runs.append(len(lq)), sample(self, lq, *a, **k))[1]
+    )
+    restored = pack.run("RefFaceRestore", model=person.model, context=person.context, faces=person.refs, **SAMPLING)[0]
+    assert restored.shape == (2, 32, 32, 3) and runs == [2]
+    assert ticks == [(2, 6), (4, 6), (6, 6)]
+
+
 def test_cancel_stops_a_restore_mid_way_and_the_next_one_runs(pack, person, monkeypatch):
     import comfy.utils
 
@@ -285,7 +302,7 @@ def test_restore_photo_restores_only_the_persons_faces_in_a_batch(pack, person):
     figures = [
         line for line in lines if line.startswith("image 0: face ") and "px between the eyes, similarity" in line
     ]
-    assert len(figures) == 2 and sum(line.startswith("image 0: face ") and "restoring" in line for line in lines) == 1
+    assert len(figures) == 2 and sum(line.startswith("image 0: face ") and "restored" in line for line in lines) == 1
     assert any(line.startswith("image 1: no face clearly matches the references") for line in lines)
     assert torch.equal(restored[0, :, 400:], group[0, :, 400:])  # Ardern's half untouched
     assert not torch.equal(restored[0, :, :400], group[0, :, :400])

@@ -112,7 +112,7 @@ def test_blurred_jpegs_upscaled_back_restore(model_dir, tmp_path, capsys, name, 
     assert restore(model_dir, tmp_path / "lq.png", [ref], tmp_path / "out.png", "--upscale", "1") == 0
     assert_only_faces_changed(lq, np.asarray(load_image(tmp_path / "out.png")), faces)
     err = capsys.readouterr().err
-    assert "face 0: restoring" in err and "similarity" in err
+    assert "restoring 1 face(s)" in err and "face 0: restored, pasting it back" in err and "similarity" in err
 
 
 def test_of_two_degraded_people_only_the_referenced_one_is_restored(model_dir, tmp_path, capsys):
@@ -126,7 +126,7 @@ def test_of_two_degraded_people_only_the_referenced_one_is_restored(model_dir, t
     assert restore(model_dir, scan, ["macron_1"], tmp_path / "out.png", "--upscale", "1") == 0
     assert_only_faces_changed(before, np.asarray(load_image(tmp_path / "out.png")), macron, others=ardern)
     err = capsys.readouterr().err
-    assert err.count("px between the eyes, similarity") == 2 and err.count(": restoring") == 1
+    assert err.count("px between the eyes, similarity") == 2 and err.count(": restored, pasting") == 1
 
 
 def test_group_photo_without_the_person_is_refused_with_the_choice_to_make(model_dir, tmp_path, capsys):
@@ -141,7 +141,8 @@ def test_group_photo_without_the_person_is_refused_with_the_choice_to_make(model
 
     assert restore(model_dir, group, ["obama"], out, "--all-faces") == 0
     err = capsys.readouterr().err
-    assert err.count(": restoring") == 6  # the turned head (26 px between the eyes, a large face) too
+    assert err.count(": restored, pasting") == 6  # the turned head (26 px between the eyes, a large face) too
+    assert "restoring 6 face(s)" in err and err.count("sampled 2 steps") == 1  # in one sampler run
     assert "warning" not in err  # all faces were asked for
     width, height = load_image(group).size
     assert load_image(out).size == (2 * width, 2 * height)  # faces of about 43 px: 2× brings them to 64
@@ -370,3 +371,33 @@ def test_a_threshold_that_is_no_similarity_is_refused(model_dir, tmp_path, capsy
             restore(model_dir, DATA / "macron_2.jpg", ["macron_1"], tmp_path / "o.png", f"--ref-threshold={value}") == 1
         )
         assert "the same-person threshold must be" in capsys.readouterr().err
+
+
+def test_the_faces_of_a_photo_are_restored_in_one_sampler_run(model_dir, monkeypatch):
+    from refface_core import RefFaceRestorer
+    from refface_core.faces import align_face
+    from refface_core.pipeline import restore_photo
+
+    model, analysis = RefFaceRestorer.from_pretrained(model_dir), load_face_analysis()
+    reference = photo("macron_1")
+    context = model.encode_context([align_face(reference, analysis.detect(reference)[0].landmarks, CROP)[0]])
+    group = side_by_side("macron_2", "ardern_1")
+    runs, sample = [], RefFaceRestorer.sample
+    monkeypatch.setattr(
+        RefFaceRestorer, "sample", lambda self, lq, *a, **k: (runs.append(len(lq)), sample(self, lq, *a, **k))[1]
+    )
+
+    def restored(**options):
+        lines = []
+        result = restore_photo(model, analysis, group, None, context, "all", None, 1, True, (1, 2), lines.append,
+                               steps=2, **options)  # fmt: skip
+        return result.images, [line for line in lines if "restor" in line]
+
+    batched, lines = restored()
+    assert runs == [4]  # two faces, two candidates each: one run
+    assert lines == ["restoring 2 face(s), 2 candidates each", "face 0: restored, pasting it back",
+                     "face 1: restored, pasting it back"]  # fmt: skip
+    one_by_one, _ = restored(batch_size=1)
+    assert runs == [4, 1, 1, 1, 1]
+    for a, b in zip(batched, one_by_one, strict=True):
+        assert not np.array_equal(a, group) and np.abs(a.astype(int) - b).max() <= 2

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from support import tiny_restorer
 
 from refface_core import Cancelled, RefFaceError, RefFaceRestorer
+from refface_core.model import CompositeContext
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +231,118 @@ def test_the_reference_pass_stops_after_the_last_attention_layer(model):
     assert calls == [] and recorder.layers.keys() == whole.layers.keys() and len(recorder.layers) >= 2
     for name, (k, v) in recorder.layers.items():
         assert torch.equal(k, whole.layers[name][0]) and torch.equal(v, whole.layers[name][1]), name
+
+
+def person(model, n, seed, tokens=False):
+    """A CompositeContext of ``n`` random reference crops (and, with ``tokens``, random context tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    refs = torch.rand(1, n, 3, model.image_size, model.image_size, generator=gen) * 2 - 1
+    width = model.context_encoder.width if tokens else 0
+    return CompositeContext(
+        model.encode_references(refs), torch.randn(1, n, 3, width, generator=gen) if tokens else None
+    )
+
+
+@pytest.fixture(scope="module")
+def composite_model():
+    """The tiny model with Composite Context layers whose (zero-initialised) outputs are made random, so that a
+    face given another face's tokens would show."""
+    from support import tiny_context_config
+
+    model = tiny_restorer(seed=2)
+    model.add_composite_context(tiny_context_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "to_out_ctx" in name:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+    return model
+
+
+def decoded_latents(model, monkeypatch):
+    """The latents each restore decodes, in order."""
+    latents = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda x: (latents.append(x), decode(x))[1])
+    return latents
+
+
+@pytest.mark.parametrize(("guidance", "composite"), [("refldm", False), ("multi_reference", True)])
+def test_a_batch_of_faces_restores_each_face_as_alone(model, composite_model, composite, guidance, monkeypatch):
+    """Faces with their own references (1, 2 or 3 of them) and seeds: batched by reference count, in chunks of any
+    size, each face samples as it does alone, to float rounding (images can still differ where a latent sits on a
+    codebook boundary)."""
+    model = composite_model if composite else model
+    rng = np.random.default_rng(1)
+    faces = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    contexts = [person(model, n, seed, composite) for n, seed in [(2, 0), (1, 1), (2, 2), (3, 3), (1, 4)]]
+    seeds = [11, 12, 13, 14, 11]
+    options = dict(steps=3, guidance=guidance)
+    latents = decoded_latents(model, monkeypatch)
+    for face, context, seed in zip(faces, contexts, seeds, strict=True):
+        model.restore(face, context, seed=seed, **options)
+    alone = torch.cat(latents)[[0, 2, 1, 4, 3]]  # in the batch's order: by reference count, then as given
+    assert (alone[0] - alone[1]).abs().max() > 0.01 * alone.abs().max()  # another person's references, another face
+    for batch_size in (2, 8):
+        latents.clear()
+        model.restore_batch(faces, contexts, seeds, batch_size=batch_size, **options)
+        assert (torch.cat(latents) - alone).abs().max() <= 1e-5 * alone.abs().max(), batch_size
+
+
+def count_unet_calls(monkeypatch):
+    from refface_core.model import restorer, unet
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])  # rows: faces × branches (or references, for the CacheKV pass)
+        return unet.unet_forward(*args, **kwargs)
+
+    monkeypatch.setattr(restorer, "unet_forward", counted)
+    return calls
+
+
+def test_faces_of_one_person_take_one_unet_call_per_step(model, monkeypatch):
+    rng = np.random.default_rng(2)
+    faces = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    shared = person(model, 2, 0)
+    calls = count_unet_calls(monkeypatch)
+    model.restore_batch(faces, shared, [1, 2, 3], steps=4)  # refldm guidance: 2 branches
+    assert calls == [2 + 1] + [3 * 2] * 4  # the shared CacheKV once (2 references + ∅), then one call per step
+    calls.clear()
+    model.restore_batch(faces, [shared, person(model, 1, 1), shared], [1, 2, 3], steps=4, batch_size=8)
+    assert calls == [2 + 1] + [2 * 2] * 4 + [1 + 1] + [1 * 2] * 4  # a run per reference count; faces 0, 2 share
+    calls.clear()
+    model.restore_batch(faces, shared, [1, 2, 3], steps=4, batch_size=2)
+    assert calls == [2 + 1] + [2 * 2] * 4 + [2 + 1] + [1 * 2] * 4  # chunks of at most 2 faces
+
+
+def test_candidates_encode_the_face_once_and_are_their_seeds_restores(model, monkeypatch):
+    face = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    context = person(model, 2, 0)
+    latents = decoded_latents(model, monkeypatch)
+    model.restore(face, context, seed=6, steps=3)
+    encode, encoded = model.encode, []
+    monkeypatch.setattr(model, "encode", lambda x: (encoded.append(len(x)), encode(x))[1])
+    calls = count_unet_calls(monkeypatch)
+    model.restore_candidates(face, context, [5, 6], steps=3)
+    assert encoded == [1] and calls == [2 + 1] + [2 * 2] * 3  # one LQ encoding, one CacheKV, one call per step
+    alone, candidates = latents
+    assert (candidates[1] - alone[0]).abs().max() <= 1e-5 * alone.abs().max()
+    assert (candidates[0] - alone[0]).abs().max() > 0.01 * alone.abs().max()
+
+
+def test_batch_mistakes_are_one_clear_line(model):
+    face = np.zeros((32, 32, 3), np.uint8)
+    context = person(model, 1, 0)
+    with pytest.raises(RefFaceError, match="2 faces need one context and one seed each, got 2 and 1"):
+        model.restore_batch([face, face], context, [1])
+    with pytest.raises(RefFaceError, match="batch_size must be a whole number of at least 1, got 0"):
+        model.restore_batch([face], context, [1], batch_size=0)
+    with pytest.raises(RefFaceError, match=r"one person's references \[1,N,C,h,w\], got a batch of \(2, 1,"):
+        model.restore_batch([face], CompositeContext(context.latents.expand(2, -1, -1, -1, -1)), [1])
+    tokens = CompositeContext(context.latents, torch.zeros(1, 1, 3, 8))
+    with pytest.raises(RefFaceError, match="some contexts have Composite Context tokens and some not"):
+        model.restore_batch([face, face], [context, tokens], [1, 2])
+    assert model.restore_batch([], context, []) == []  # a photo with no face to restore
+    with pytest.raises(RefFaceError, match="at least one seed is needed"):
+        model.restore_candidates(face, context, [])

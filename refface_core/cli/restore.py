@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..images import load_image, load_photo, save_image, to_8bit
-    from ..pipeline import check_upscale, restore_crop, restore_photo
+    from ..pipeline import check_upscale, restore_crops, restore_photo
     from ..progress import Progress
 
     if not 1 <= args.candidates <= MAX_CANDIDATES:
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             photo = load_photo(photo_path)
             if args.aligned:
-                images = restore_crop(model, to_8bit(photo.pixels), context, seeds, not args.colorize, **options)
+                images = restore_crops(model, [to_8bit(photo.pixels)], context, seeds, not args.colorize, **options)[0]
                 faces, upscale = [0], 1.0
             else:
                 result = restore_photo(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import weakref
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DEFAULT_BATCH_SIZE = 8  # faces per sampler run: bounds memory (rows = faces × guidance branches)
 
 
 @dataclass
@@ -374,24 +376,78 @@ class RefFaceRestorer(nn.Module):
         farl: FaRLEncoder | None = None,
         **sample_options: Any,
     ) -> list[ImageLike]:
-        """``restore`` once per seed, as one batch: the LQ encoding and the references' CacheKV are computed once,
-        and each candidate starts from the noise its seed gives alone (with eta > 0, the later noise is drawn for
-        the batch from the first seed's generator)."""
+        """``restore`` once per seed: ``restore_batch`` of one face, so the LQ encoding and the references' CacheKV
+        are computed once."""
         check_seeds(seeds)
         if not isinstance(references, CompositeContext):
             references = self.encode_context(references, identity, farl, ref_layout)
-        lq_latent = self.encode(to_model_tensor(lq_face, self.image_size))
+        return self.restore_batch([lq_face] * len(seeds), references, seeds, **sample_options)
+
+    def restore_batch(
+        self,
+        lq_faces: Sequence[ImageLike],
+        contexts: CompositeContext | Sequence[CompositeContext],
+        seeds: Sequence[int],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        **sample_options: Any,
+    ) -> list[ImageLike]:
+        """Aligned face crops, each with its own context (or one shared by all) and seed, restored in as few UNet
+        calls as possible: faces with the same number of references sample together, ``batch_size`` at a time
+        (padding to a common count would change the attention). Each face starts from the noise its seed gives
+        alone, so its result does not depend on the batching; only with eta > 0 is the later noise drawn per batch,
+        from its first face's generator. ``callback`` and ``cancel`` apply to each batch's run in turn."""
+        contexts = [contexts] * len(lq_faces) if isinstance(contexts, CompositeContext) else list(contexts)
+        if not len(lq_faces) == len(contexts) == len(seeds):
+            raise RefFaceError(
+                f"{len(lq_faces)} faces need one context and one seed each, got {len(contexts)} and {len(seeds)}"
+            )
+        if not lq_faces:
+            return []
+        check_seeds(seeds)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise RefFaceError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        for context in contexts:
+            if context.latents.dim() != 5 or context.latents.shape[0] != 1:
+                raise RefFaceError(f"a context holds one person's references [1,N,C,h,w], got a batch of "
+                                   f"{tuple(context.latents.shape)}; make it with encode_context")  # fmt: skip
+        if len({context.tokens is None for context in contexts}) > 1:
+            raise RefFaceError("some contexts have Composite Context tokens and some not; make them with one model")
+        encoded: dict[int, torch.Tensor] = {}  # a face given several times (candidates) is encoded once
+        for face in lq_faces:
+            if id(face) not in encoded:
+                encoded[id(face)] = self.encode(to_model_tensor(face, self.image_size))
+        groups: dict[int, list[int]] = {}
+        for i, context in enumerate(contexts):
+            groups.setdefault(context.latents.shape[1], []).append(i)
+        restored: dict[int, ImageLike] = {}
+        for group in groups.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                latents = self._sample_faces(
+                    [encoded[id(lq_faces[i])] for i in chunk], [contexts[i] for i in chunk], [seeds[i] for i in chunk],
+                    **sample_options,
+                )  # fmt: skip
+                for i, image in zip(chunk, self.decode(latents), strict=True):
+                    restored[i] = from_model_tensor(image[None], like=lq_faces[i])
+        return [restored[i] for i in range(len(lq_faces))]
+
+    def _sample_faces(
+        self,
+        lq_latents: Sequence[torch.Tensor],
+        contexts: Sequence[CompositeContext],
+        seeds: Sequence[int],
+        **sample_options: Any,
+    ) -> torch.Tensor:
+        """One sampler run over faces with the same number of references. One context shared by all is given once
+        (a batch of 1), so its CacheKV is computed once for every row."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        x_T = torch.cat([torch.randn(lq_latent.shape, generator=generator) for generator in generators])
-        latents = self.sample(
-            lq_latent.expand(len(seeds), -1, -1, -1),
-            references.latents,
-            x_T=x_T,
-            generator=generators[0],
-            ref_tokens=references.tokens,
-            **sample_options,
-        )
-        return [from_model_tensor(image[None], like=lq_face) for image in self.decode(latents)]
+        x_T = torch.cat([torch.randn(lq.shape, generator=g) for lq, g in zip(lq_latents, generators, strict=True)])
+        used = contexts[:1] if all(context is contexts[0] for context in contexts) else contexts
+        tokens = None if used[0].tokens is None else torch.cat([context.tokens for context in used])
+        return self.sample(
+            torch.cat(list(lq_latents)), torch.cat([context.latents for context in used]), x_T=x_T,
+            generator=generators[0], ref_tokens=tokens, **sample_options,
+        )  # fmt: skip
 
 
 @functools.cache
