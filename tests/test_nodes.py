@@ -262,8 +262,9 @@ def test_restore_samples_a_batch_of_faces_together_and_counts_each_faces_steps(p
     from refface_core import RefFaceRestorer
 
     ticks, runs, sample = [], [], RefFaceRestorer.sample
+    # what the node reports; ComfyUI's bar then forwards only some of it, by time
     monkeypatch.setattr(
-        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, **_: ticks.append((value, total))
+        comfy.utils.ProgressBar, "update_absolute", lambda bar, value, **_: ticks.append((value, bar.total))
     )
     monkeypatch.setattr(
         RefFaceRestorer, "sample", lambda self, lq, *a, **k: (runs.append(len(lq)), sample(self, lq, *a, **k))[1]
@@ -431,6 +432,8 @@ def test_api_workflows_use_existing_nodes_and_valid_inputs(pack, path):
                 assert name in FILE_COMBOS or value in extra.get("options", kind), (node_id, name, value)
             elif kind in ("INT", "FLOAT"):
                 assert extra.get("min", -math.inf) <= value <= extra.get("max", math.inf), (node_id, name)
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), (node_id, name)
             else:
                 assert kind == "STRING" and isinstance(value, str), (node_id, name)
 

@@ -307,13 +307,14 @@ def test_faces_of_one_person_take_one_unet_call_per_step(model, monkeypatch):
     shared = person(model, 2, 0)
     calls = count_unet_calls(monkeypatch)
     model.restore_batch(faces, shared, [1, 2, 3], steps=4)  # refldm guidance: 2 branches
-    assert calls == [2 + 1] + [3 * 2] * 4  # the shared CacheKV once (2 references + ∅), then one call per step
+    assert calls[-5:] == [2] + [3 * 2] * 4  # the shared CacheKV once (2 references), then one call per step
+    assert calls[:-5] in ([], [1])  # ∅'s keys and values: once per model, unless an earlier test made them
     calls.clear()
     model.restore_batch(faces, [shared, person(model, 1, 1), shared], [1, 2, 3], steps=4, batch_size=8)
-    assert calls == [2 + 1] + [2 * 2] * 4 + [1 + 1] + [1 * 2] * 4  # a run per reference count; faces 0, 2 share
+    assert calls == [2] + [2 * 2] * 4 + [1] + [1 * 2] * 4  # a run per reference count; faces 0, 2 share
     calls.clear()
     model.restore_batch(faces, shared, [1, 2, 3], steps=4, batch_size=2)
-    assert calls == [2 + 1] + [2 * 2] * 4 + [2 + 1] + [1 * 2] * 4  # chunks of at most 2 faces
+    assert calls == [2] + [2 * 2] * 4 + [2] + [1 * 2] * 4  # chunks of at most 2 faces
 
 
 def test_candidates_encode_the_face_once_and_are_their_seeds_restores(model, monkeypatch):
@@ -325,7 +326,7 @@ def test_candidates_encode_the_face_once_and_are_their_seeds_restores(model, mon
     monkeypatch.setattr(model, "encode", lambda x: (encoded.append(len(x)), encode(x))[1])
     calls = count_unet_calls(monkeypatch)
     model.restore_candidates(face, context, [5, 6], steps=3)
-    assert encoded == [1] and calls == [2 + 1] + [2 * 2] * 3  # one LQ encoding, one CacheKV, one call per step
+    assert encoded == [1] and calls == [2] + [2 * 2] * 3  # one LQ encoding, one CacheKV, one call per step
     alone, candidates = latents
     assert (candidates[1] - alone[0]).abs().max() <= 1e-5 * alone.abs().max()
     assert (candidates[0] - alone[0]).abs().max() > 0.01 * alone.abs().max()

@@ -25,7 +25,15 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help=f"{', '.join(DEVICE_NAMES)} or cuda:N (default auto: cuda, then mps, then cpu)"
     )
     parser.add_argument(
-        "--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: bf16 on CUDA, else fp32 (default)"
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="auto: bf16 on CUDA and on CPUs with AMX, else fp32 (default)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet: faster steps after a first call that compiles (minutes at full size)",
     )
 
 

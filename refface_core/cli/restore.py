@@ -242,7 +242,9 @@ def load_model(args: argparse.Namespace, progress: Progress) -> tuple[RefFaceRes
             progress(f"no --model given and no model in {path} yet: fetching ReF-LDM's weights (once)")
             download_model(path.parent, progress, progress.download)
     progress(f"loading the model {path} ({device}, {str(dtype).removeprefix('torch.')})")
-    return RefFaceRestorer.from_pretrained(path, device=device, dtype=dtype), path.name
+    model = RefFaceRestorer.from_pretrained(path, device=device, dtype=dtype)
+    model.set_compile(args.compile)
+    return model, path.name
 
 
 def provenance(

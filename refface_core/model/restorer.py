@@ -70,7 +70,7 @@ class RefFaceRestorer(nn.Module):
         self.context_config = None
         self.context_encoder = None
         self._empty_kv: tuple[torch.Size, list, dict[str, KV]] | None = None  # see empty_reference_kv
-        self._main_pass = unet_forward
+        self.compiled = False  # see set_compile
         install_reference_attention(self.unet)
         if context_config is not None:
             self.add_composite_context(context_config)
@@ -147,13 +147,9 @@ class RefFaceRestorer(nn.Module):
 
     def set_compile(self, enabled: bool = True) -> None:
         """Run the denoiser's UNet calls through ``torch.compile``: inductor, and on CUDA mode "reduce-overhead",
-        which also captures CUDA graphs. The first call at each batch shape compiles (seconds for a tiny model,
-        minutes at full size on a CPU); later calls in the process, for any restorer, reuse it."""
-        self._main_pass = (
-            compiled_unet_forward("reduce-overhead" if self.device.type == "cuda" else "default")
-            if enabled
-            else unet_forward
-        )
+        which also captures CUDA graphs. The first call at each batch shape compiles (a minute for a tiny model on
+        two CPU cores, more at full size); later calls in the process, for any restorer, reuse it."""
+        self.compiled = enabled
 
     @property
     def device(self) -> torch.device:
@@ -216,12 +212,15 @@ class RefFaceRestorer(nn.Module):
                     raise RefFaceError("this model has no Composite Context layers to use context tokens with")
                 context = (_gather_tokens(ref_tokens.to(self.device, self.dtype), slots), context_scale)
         weights = torch.tensor([branch.weight for branch in branches], device=self.device).view(-1, 1, 1, 1, 1)
+        main_pass = unet_forward
+        if self.compiled:  # the mode is chosen here: ComfyUI loads a model on the CPU and runs it on the GPU
+            main_pass = compiled_unet_forward("reduce-overhead" if self.device.type == "cuda" else "default")
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
             x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
-            eps = self._main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
+            eps = main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
             if len(branches) == 1 and branches[0].weight == 1.0:
                 return eps
             return (weights * eps.unflatten(0, (len(branches), b))).sum(0)
