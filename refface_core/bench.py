@@ -19,12 +19,17 @@ from .sampling import make_branches, make_solver, run_sampler
 
 
 def count_flops(model: RefFaceRestorer, stage: Callable[[RefFaceRestorer, Callable], Any]) -> int:
-    """FLOPs of ``stage`` run on a meta-device copy of the model: counted, not computed."""
-    with torch.device("meta"):
-        meta = RefFaceRestorer(model.unet_config, model.vq_config, model.context_config).to(model.dtype)
+    """FLOPs of ``stage`` run on a meta-device copy of the model (on ``model`` if it is one): counted, not computed."""
+    meta = model if model.device.type == "meta" else meta_copy(model)
     with FlopCounterMode(display=False) as counter:
         stage(meta, lambda t: t.to("meta"))
     return counter.get_total_flops()
+
+
+def meta_copy(model: RefFaceRestorer) -> RefFaceRestorer:
+    """The model's architecture without storage, for counting FLOPs; building one takes a while, so reuse it."""
+    with torch.device("meta"):
+        return RefFaceRestorer(model.unet_config, model.vq_config, model.context_config).to(model.dtype)
 
 
 def run_bench(
