@@ -110,11 +110,10 @@ def grid(name: str, suite: Suite, dry_run: bool, on_cell: Callable[[dict], None]
         decode_seconds: dict[int, float] = {}
         peak = peak_tflops(device_name, dtype)
         for compiled in suite.compiled:
-            skip = None if not compiled or hasattr(model, "set_compile") else "RefFaceRestorer has no set_compile yet"
-            with compiling(model, compiled and not skip):
+            with compiling(model, compiled):
                 for i, (batch, n, guidance) in enumerate(product(suite.batches, suite.refs, suite.guidances)):
                     cell = {"dtype": dtype, "compiled": compiled, "guidance": guidance, "batch": batch, "refs": n}
-                    reason = skip or (DRY_RUN_COMPILE if dry_run and compiled and i > 0 else None)
+                    reason = DRY_RUN_COMPILE if dry_run and compiled and i > 0 else None
                     if reason:
                         cell["skipped"] = reason
                         if (note := f"compiled cells skipped: {reason}") not in result["notes"]:

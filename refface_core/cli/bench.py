@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         raise RefFaceError("--dry-run goes with --suite")
     if args.baseline:
+        if args.compile:
+            raise RefFaceError("--baseline compares eager runs (a baseline may have no --compile); drop --compile")
         return run_baseline(args)
 
     from ..bench import format_table, run_bench
@@ -79,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         farl = load_farl(args.farl, device=device, dtype=dtype)
     if args.train:
         return run_train(args, model.float(), farl, dtype)
+    model.set_compile(args.compile)
+    warmup = 1 if args.warmup is None and args.compile else args.warmup  # the timed run should not compile
     options = sampling_options(args)
-    result = run_bench(model, refs=args.refs, batch=args.batch, warmup=args.warmup, farl=farl, **options)
+    result = run_bench(model, refs=args.refs, batch=args.batch, warmup=warmup, farl=farl, **options)
     return print_report(format_table(result), result, args.json)
 
 

@@ -241,7 +241,7 @@ class RefFaceRestorer(nn.Module):
             for branch in branches
             for i in range(b)
         ]
-        return torch.tensor(rows, device=self.device)
+        return torch.tensor(rows)  # on the CPU: CacheKV groups the rows by their slots
 
     @torch.no_grad()
     def reference_kv(self, ref_latents: torch.Tensor, slots: torch.Tensor) -> CacheKV:
@@ -464,4 +464,4 @@ def _gather_tokens(tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     flat = tokens.flatten(0, 1)
     flat = torch.cat([flat, torch.zeros_like(flat[:1])])
     rows, count = slots.shape
-    return flat[slots.flatten()].view(rows, count * flat.shape[1], flat.shape[2])
+    return flat[slots.flatten().to(flat.device)].view(rows, count * flat.shape[1], flat.shape[2])

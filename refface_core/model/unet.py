@@ -103,8 +103,8 @@ def _runs_of_distinct_passes(slots: torch.Tensor) -> list[tuple[slice, torch.Ten
     runs, start = [], 0
     for end in range(1, len(distinct) + 1):
         if end == len(distinct) or len(distinct[end][0]) != len(distinct[start][0]):
-            passes = torch.stack([d[0] for d in distinct[start:end]]).to(slots.device)
-            counts = torch.stack([d[1] for d in distinct[start:end]]).to(slots.device)
+            passes = torch.stack([d[0] for d in distinct[start:end]])
+            counts = torch.stack([d[1] for d in distinct[start:end]])
             runs.append((slice(start, end), passes, counts))
             start = end
     return runs
@@ -121,12 +121,13 @@ def _laid_out(
     def buffer(t: torch.Tensor) -> torch.Tensor:
         out = t.new_empty(rows, heads, (1 + count) * tokens, dim)
         refs = out[:, :, tokens:].view(rows, heads, count, tokens, dim)
-        refs.copy_(t[passes.flatten()].view(rows, count, heads, tokens, dim).transpose(1, 2))
+        refs.copy_(t[passes.flatten().to(t.device)].view(rows, count, heads, tokens, dim).transpose(1, 2))
         return out
 
     bias = None
     if (counts > 1).any():
-        bias = F.pad(counts.to(k.dtype).log().repeat_interleave(tokens, dim=1), (tokens, 0))[:, None, None]
+        log_counts = counts.to(k.device, k.dtype).log()
+        bias = F.pad(log_counts.repeat_interleave(tokens, dim=1), (tokens, 0))[:, None, None]
     return buffer(k), buffer(v), bias
 
 
