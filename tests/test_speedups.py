@@ -71,10 +71,11 @@ def test_a_repeated_slot_is_one_copy_with_a_bias_and_buffers_are_written_in_plac
     k, v = torch.randn(3, 2, 4, 8, generator=gen), torch.randn(3, 2, 4, 8, generator=gen)
     slots = torch.tensor([[2, 2, 2, 2], [0, 1, 1, 0]])
     cache = CacheKV({"layer": (k, v)}, slots)
-    (keys_1, _, bias_1), (keys_2, _, bias_2) = cache.layers["layer"]
+    (keys_1, _, room_1, bias_1), (keys_2, _, room_2, bias_2) = cache.layers["layer"]
     assert keys_1.shape == (1, 2, 4 + 4, 8) and keys_2.shape == (1, 2, 4 + 2 * 4, 8)  # one copy per distinct pass
-    assert torch.allclose(bias_1[0, 0, 0], torch.tensor([0.0] * 4 + [torch.tensor(4.0).log()] * 4))
-    assert torch.allclose(bias_2, torch.tensor(2.0).log() * torch.tensor([0.0] * 4 + [1.0] * 8))
+    assert room_1 == room_2 == 4
+    assert torch.allclose(bias_1, torch.tensor(4.0).log() * torch.ones(1, 4))  # ln 4 on the one copy of pass 2
+    assert torch.allclose(bias_2, torch.tensor(2.0).log() * torch.ones(1, 8))  # passes 0 and 1 twice each
     pointers = [t.data_ptr() for t in (keys_1, keys_2)]
     q, own_k, own_v = (torch.randn(2, 2, 4, 8, generator=gen) for _ in range(3))
     with torch.no_grad():
@@ -82,6 +83,22 @@ def test_a_repeated_slot_is_one_copy_with_a_bias_and_buffers_are_written_in_plac
     plain = PlainCache({"layer": (k, v)}, slots).attend("layer", q, own_k, own_v)
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=0)
     assert [t.data_ptr() for t in (keys_1, keys_2)] == pointers and torch.equal(keys_1[0, :, :4], own_k[0])
+    with pytest.raises(ValueError, match="laid out for 2"):
+        cache.attend("layer", q[:1], own_k[:1], own_v[:1])
+
+
+def test_a_main_pass_of_another_size_still_attends_to_its_references(model):
+    """The buffers have room for a main pass of the references' size; another size is concatenated, as before."""
+    slots = torch.tensor([[3, 3, 3], [0, 1, 2]])
+    refs, _, _ = inputs(model, 2)
+    recorder = KVRecorder()
+    gen = torch.Generator().manual_seed(2)
+    main = torch.randn(2, refs.shape[1], 8, 8, generator=gen)
+    with torch.no_grad():
+        unet_forward(model.unet, refs, torch.zeros(len(refs), dtype=torch.long), recorder)
+        fast = unet_forward(model.unet, main, torch.full((2,), 500), recorder.gather(slots))
+        plain = unet_forward(model.unet, main, torch.full((2,), 500), PlainCache(recorder.layers, slots))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_the_empty_reference_is_computed_once_and_follows_the_weights():

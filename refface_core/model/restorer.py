@@ -220,7 +220,13 @@ class RefFaceRestorer(nn.Module):
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
             x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
-            eps = main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
+            try:
+                eps = main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, no Triton, an unsupported device
+                message = str(e).strip().splitlines()[0][:300]
+                raise RefFaceError(
+                    f"torch.compile failed on {self.device.type} ({message}); run without compiling"
+                ) from None
             if len(branches) == 1 and branches[0].weight == 1.0:
                 return eps
             return (weights * eps.unflatten(0, (len(branches), b))).sum(0)
@@ -257,10 +263,12 @@ class RefFaceRestorer(nn.Module):
         }
         return CacheKV(layers, slots)
 
+    @torch.no_grad()
     def empty_reference_kv(self, shape: torch.Size) -> dict[str, KV]:
         """∅'s keys and values depend only on the weights: computed once and kept while every UNet parameter is
         the same tensor with the same storage and version (training steps, loading, ``.to()`` and offloading each
-        change one of them)."""
+        change one of them). Weights changed behind the version counter (``p.data``, FSDP's unsharding, in-place
+        writes under inference mode, whose tensors have none) need ``forget_empty_reference``."""
         weights = [
             (weakref.ref(p), p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters()
         ]
@@ -271,6 +279,10 @@ class RefFaceRestorer(nn.Module):
             unet_forward(self.unet, zeros, torch.zeros(1, dtype=torch.long, device=self.device), recorder)
             self._empty_kv = cached = (shape, weights, recorder.layers)
         return cached[2]
+
+    def forget_empty_reference(self) -> None:
+        """Drop the cached ∅ keys and values: the next reference pass computes them again."""
+        self._empty_kv = None
 
     def predict_noise(
         self,
@@ -406,6 +418,10 @@ class RefFaceRestorer(nn.Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise RefFaceError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         for context in contexts:
+            if not isinstance(context, CompositeContext):
+                raise RefFaceError(
+                    f"contexts must be CompositeContext (from encode_context), got {type(context).__name__}"
+                )
             if context.latents.dim() != 5 or context.latents.shape[0] != 1:
                 raise RefFaceError(f"a context holds one person's references [1,N,C,h,w], got a batch of "
                                    f"{tuple(context.latents.shape)}; make it with encode_context")  # fmt: skip
@@ -452,7 +468,7 @@ class RefFaceRestorer(nn.Module):
 @functools.cache
 def compiled_unet_forward(mode: str) -> Callable[..., torch.Tensor]:
     """One compiled ``unet_forward`` per mode for the process: its compiled graphs are kept across restores."""
-    return torch.compile(unet_forward, mode=mode, dynamic=False)
+    return torch.compile(unet_forward, mode=mode, dynamic=False)  # dynamic shapes failed to lower (torch 2.13)
 
 
 def _same_weights(a: list, b: list) -> bool:

@@ -70,12 +70,15 @@ class CacheKV:
     """Reference keys and values per attention layer, laid out per main-batch row.
 
     A row attends to its own tokens, then to those of its reference slots. S slots holding the same pass count
-    once with a +ln S bias on their logits: softmax gives S identical keys S times the weight, so this is exact,
-    and a CFG row's S copies of ∅ cost one. Rows are grouped into runs with the same number of distinct passes;
-    each run has one preallocated [rows, heads, own + reference tokens, d] buffer per layer, reference part in
-    place, so a step writes only its own tokens (with autograd on, they are concatenated instead)."""
+    once with a +ln S bias on their logits: softmax gives S identical keys S times the weight, so this is exact (up
+    to the rounding of ln S in bf16/fp16, as for any logit), and a CFG row's S copies of ∅ cost one. Rows are
+    grouped into runs with the same number of distinct passes; each run has one preallocated [rows, heads, own +
+    reference tokens, d] buffer per layer with the reference part in place, so a step writes only its own tokens.
+    With autograd, inside torch.compile (no mutated inputs, so CUDA graphs stay possible) or for a main pass of
+    another size, they are concatenated instead."""
 
     def __init__(self, layers: dict[str, KV], slots: torch.Tensor) -> None:
+        self.rows = len(slots)
         self.runs = _runs_of_distinct_passes(slots)
         self.layers = {
             name: [_laid_out(k, v, passes, counts) for _, passes, counts in self.runs]
@@ -83,15 +86,17 @@ class CacheKV:
         }
 
     def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for (rows, _, _), (keys, values, bias) in zip(self.runs, self.layers[name], strict=True):
-            own = k.shape[2]
-            if torch.is_grad_enabled():
-                keys = torch.cat([k[rows], keys[:, :, own:]], dim=2)
-                values = torch.cat([v[rows], values[:, :, own:]], dim=2)
-            else:
+        if len(k) != self.rows:
+            raise ValueError(f"a main pass of {len(k)} rows, but the references are laid out for {self.rows}")
+        own, outs = k.shape[2], []
+        for (rows, _, _), (keys, values, room, ref_bias) in zip(self.runs, self.layers[name], strict=True):
+            if own == room and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
                 keys[:, :, :own].copy_(k[rows])
                 values[:, :, :own].copy_(v[rows])
+            else:
+                keys = torch.cat([k[rows], keys[:, :, room:]], dim=2)
+                values = torch.cat([v[rows], values[:, :, room:]], dim=2)
+            bias = None if ref_bias is None else F.pad(ref_bias, (own, 0))[:, None, None]  # own tokens: unbiased
             outs.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -112,9 +117,10 @@ def _runs_of_distinct_passes(slots: torch.Tensor) -> list[tuple[slice, torch.Ten
 
 def _laid_out(
     k: torch.Tensor, v: torch.Tensor, passes: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """Recorded [passes, heads, tokens, d] -> buffers [rows, heads, tokens + U·tokens, d] whose first ``tokens`` are
-    left for the row's own keys or values, then those of its U passes; and the ln(count) bias (None if all 1)."""
+    room for the row's own keys or values, then those of its U passes; the room; the reference tokens' ln(count)
+    bias [rows, U·tokens] (None if every count is 1)."""
     rows, count = passes.shape
     _, heads, tokens, dim = k.shape
 
@@ -126,9 +132,8 @@ def _laid_out(
 
     bias = None
     if (counts > 1).any():
-        log_counts = counts.to(k.device, k.dtype).log()
-        bias = F.pad(log_counts.repeat_interleave(tokens, dim=1), (tokens, 0))[:, None, None]
-    return buffer(k), buffer(v), bias
+        bias = counts.to(k.device, k.dtype).log().repeat_interleave(tokens, dim=1)
+    return buffer(k), buffer(v), tokens, bias
 
 
 class ReferenceAttnProcessor(nn.Module):
@@ -186,9 +191,15 @@ def install_reference_attention(unet: UNet2DModel, context_width: int | None = N
             module.set_processor(ReferenceAttnProcessor(name, module.to_q.out_features, context_width))
 
 
+def has_lean_form(resnet: ResnetBlock2D) -> bool:
+    """SiLU, the time embedding added, no resampling: what ``lean_resnet`` computes (other configs run diffusers')."""
+    plain = resnet.upsample is None and resnet.downsample is None and resnet.time_embedding_norm == "default"
+    return plain and isinstance(resnet.nonlinearity, nn.SiLU) and not resnet.skip_time_act
+
+
 def lean_resnet(resnet: ResnetBlock2D, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-    """ResnetBlock2D's forward for ReF-LDM's blocks (SiLU, time embedding added, no resampling) without autograd:
-    activations and additions in place, and no divide by an ``output_scale_factor`` of 1. ``emb_act`` = SiLU(emb)."""
+    """ResnetBlock2D's forward for ReF-LDM's blocks (``has_lean_form``) without autograd: activations and additions
+    in place, and no divide by an ``output_scale_factor`` of 1. ``emb_act`` = SiLU(emb)."""
     h = resnet.conv1(F.silu(resnet.norm1(x), inplace=True))
     h += resnet.time_emb_proj(emb_act)[:, :, None, None]
     h = resnet.conv2(resnet.dropout(F.silu(resnet.norm2(h), inplace=True)))
@@ -215,7 +226,7 @@ def unet_forward(
         return attn.processor(attn, h, cache_kv=cache_kv, context=context)
 
     def run(resnet: ResnetBlock2D, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and has_lean_form(resnet):
             return lean_resnet(resnet, h, emb_act)
         h = h.contiguous()  # a channels-last input crashes torch 2.13's CPU convolution backward (seen in training)
         if gradient_checkpointing:

@@ -330,6 +330,7 @@ def latest_checkpoint(output: Path) -> Path | None:
 def sample_grid(model: TrainingModel, batch: dict[str, torch.Tensor], config: TrainConfig) -> Image.Image:
     """An image for a person to look at: per sample, LQ | restored | HQ | first reference."""
     restorer = model.restorer
+    restorer.forget_empty_reference()  # FSDP unshards the trained weights into the same tensors
     device = restorer.device
     hq, lq, refs = (batch[k].to(device) for k in ("hq", "lq", "refs"))
     ref_latents = restorer.encode_references(refs)
