@@ -47,12 +47,15 @@ def test_multi_reference_equals_the_papers_formula(setup):
     expected = (1 - s_i) * e_uncond + (s_i - s_c) * e_lq + (s_c / n) * sum(e_refs)
 
     sizes, handle = unet_batch_sizes(model)
+    outputs = []
+    last = model.unet.conv_out.register_forward_hook(lambda m, inp, out: outputs.append(len(out)))
     guided = model.denoiser(lq, refs, make_branches("multi_reference", n, 0, s_i, s_c))(x_t, t)
-    handle.remove()
+    handle.remove(), last.remove()
     assert not guided.requires_grad  # no autograd graph kept across sampling steps
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
-    # one reference pass (B·N refs + one ∅), then one batched main pass with (N + 2)·B rows
-    assert sizes == [2 * n + 1, (n + 2) * 2]
+    # one reference pass over the B·N references (∅'s keys and values are the model's, made by the calls above),
+    # then one main pass with (N + 2)·B rows, whose first layers run once per distinct input (∅ or LQ)·B
+    assert sizes == [2 * n, 2 * 2] and outputs == [(n + 2) * 2]
     # references change the result, so the check above is not vacuous
     assert (e_refs[0] - e_lq).abs().max() > 1e-2
 

@@ -294,7 +294,8 @@ def count_unet_calls(monkeypatch):
     calls = []
 
     def counted(*args, **kwargs):
-        calls.append(args[1].shape[0])  # rows: faces × branches (or references, for the CacheKV pass)
+        rows = kwargs.get("rows")  # rows: faces × branches (or references, for the CacheKV pass)
+        calls.append(args[1].shape[0] if rows is None else len(rows))
         return unet.unet_forward(*args, **kwargs)
 
     monkeypatch.setattr(restorer, "unet_forward", counted)

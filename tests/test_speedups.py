@@ -173,3 +173,31 @@ def test_cpu_bf16_only_where_amx_makes_it_fast(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.bfloat16 if amx else torch.float32)
     assert pick_device("cpu", "fp32")[1] == torch.float32
+
+
+@pytest.mark.parametrize("guidance", ["refldm", "multi_reference"])
+def test_rows_with_one_input_share_the_layers_before_the_first_attention(model, guidance, monkeypatch):
+    """CFG's branches share x and the LQ latent: the UNet's first layers run once for them, and eps is unchanged."""
+    from refface_core.model import restorer, unet
+
+    gen = torch.Generator().manual_seed(7)
+    c = model.unet_config["out_channels"]
+    lq, refs = torch.randn(2, c, 16, 16, generator=gen), torch.randn(1, 3, c, 16, 16, generator=gen)
+    x = torch.randn(2, c, 16, 16, generator=gen)
+    branches = make_branches(guidance, 3, 1.5, 1.2, 1.2)
+    conv_in = []
+    hook = model.unet.conv_in.register_forward_hook(lambda m, args, out: conv_in.append(len(out)))
+    try:
+        shared = model.denoiser(lq, refs, branches)(x, 500)
+    finally:
+        hook.remove()
+    assert conv_in[-1] == 2 * len({branch.use_lq for branch in branches}) < 2 * len(branches)
+
+    def every_row_whole(unet_, sample, t, cache=None, context=None, rows=None):
+        if rows is not None:  # the main pass: every row computed whole, as before
+            sample, t = sample[rows], t[rows]
+        return unet.unet_forward(unet_, sample, t, cache, context)
+
+    monkeypatch.setattr(restorer, "unet_forward", every_row_whole)
+    plain = model.denoiser(lq, refs, branches)(x, 500)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)

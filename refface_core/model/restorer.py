@@ -202,7 +202,10 @@ class RefFaceRestorer(nn.Module):
         ``ref_latents`` [1,N,...] with a batch of B > 1 is one person's references for every row, prepared once."""
         b = lq_latent.shape[0]
         lq = lq_latent.to(self.device, self.dtype)
-        lq_rows = torch.cat([lq if branch.use_lq else torch.zeros_like(lq) for branch in branches])
+        inputs = list(dict.fromkeys(branch.use_lq for branch in branches))  # the distinct inputs: LQ or ∅, once each
+        lq_inputs = torch.cat([lq if use_lq else torch.zeros_like(lq) for use_lq in inputs])
+        rows = torch.tensor([inputs.index(branch.use_lq) * b + i for branch in branches for i in range(b)])
+        rows = None if len(inputs) == len(branches) else rows.to(self.device)
         cache = context = None
         if ref_latents is not None:
             slots = self._slots(b, ref_latents.shape[0], ref_latents.shape[1], branches)
@@ -218,10 +221,11 @@ class RefFaceRestorer(nn.Module):
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-            t_rows = torch.as_tensor(t, device=self.device).expand(b).repeat(len(branches))
-            x_rows = x.to(self.device, self.dtype).repeat(len(branches), 1, 1, 1)
+            t_inputs = torch.as_tensor(t, device=self.device).expand(b).repeat(len(inputs))
+            x_inputs = x.to(self.device, self.dtype).repeat(len(inputs), 1, 1, 1)
+            sample = torch.cat([x_inputs, lq_inputs], dim=1)
             try:
-                eps = main_pass(self.unet, torch.cat([x_rows, lq_rows], dim=1), t_rows, cache, context).float()
+                eps = main_pass(self.unet, sample, t_inputs, cache, context, rows=rows).float()
             except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, no Triton, an unsupported device
                 message = str(e).strip().splitlines()[0][:300]
                 raise RefFaceError(

@@ -214,14 +214,21 @@ def unet_forward(
     cache_kv: KVRecorder | CacheKV | None = None,
     context: Context | None = None,
     gradient_checkpointing: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """UNet2DModel's forward, with the CacheKV object and the context tokens handed to every attention layer.
     ``gradient_checkpointing`` recomputes the ResNet blocks in the backward pass instead of storing them. A reference
-    pass (a KVRecorder) returns None once the last attention layer has recorded: nothing after it is used."""
+    pass (a KVRecorder) returns None once the last attention layer has recorded: nothing after it is used.
+    ``rows`` gives each row of the batch as an index into ``sample``: rows with the same input (CFG's branches share
+    x and the LQ latent) are computed once until the first attention layer, where their references first differ."""
     unrecorded = sum(isinstance(m, Attention) for m in unet.modules()) if isinstance(cache_kv, KVRecorder) else -1
 
     def attend(attn: Attention, h: torch.Tensor) -> torch.Tensor:
-        nonlocal unrecorded
+        nonlocal unrecorded, rows, emb, emb_act
+        if rows is not None:
+            h, emb, emb_act = h[rows], emb[rows], emb_act[rows]
+            skips[:] = [skip[rows] for skip in skips]
+            rows = None
         unrecorded -= 1
         return attn.processor(attn, h, cache_kv=cache_kv, context=context)
 
@@ -269,4 +276,5 @@ def unet_forward(
         if block.upsamplers is not None:
             h = block.upsamplers[0](h)
 
-    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+    out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+    return out if rows is None else out[rows]  # a UNet without attention layers
