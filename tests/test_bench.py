@@ -147,3 +147,12 @@ def test_baseline_interrupted_removes_the_worktree_and_stops_its_run(model_dir, 
     assert "refface: interrupted" in process.stderr.read().decode()
     assert psutil.wait_procs(children, timeout=10)[1] == []  # the run was killed with its process group
     assert worktrees() == before
+
+
+def test_the_gpu_suite_compiles_only_refldms_setting():
+    """Each compiled shape costs a compile: the GPU grid compiles 5 references with CFG, at both batch sizes."""
+    gpu = bench_suite.SUITES["gpu"]
+    compiled = [(n, g) for n in gpu.refs for g in gpu.guidances if bench_suite.in_compiled_subset(gpu, n, g)]
+    assert compiled == [(5, "refldm")] and gpu.batches == (1, 8)
+    cpu = bench_suite.SUITES["cpu"]
+    assert all(bench_suite.in_compiled_subset(cpu, n, g) for n in cpu.refs for g in cpu.guidances)
