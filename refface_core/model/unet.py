@@ -174,7 +174,7 @@ class ReferenceAttnProcessor(nn.Module):
         def join(t: torch.Tensor) -> torch.Tensor:
             return t.transpose(1, 2).reshape(b, h * w, c)
 
-        q, k, v = split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x))
+        q, k, v = (split(t) for t in fused_qkv(attn, x).chunk(3, dim=-1))
         attended = F.scaled_dot_product_attention(q, k, v) if cache_kv is None else cache_kv.attend(self.name, q, k, v)
         out = attn.to_out[0](join(attended))
         if context is not None and self.has_context:
@@ -182,6 +182,14 @@ class ReferenceAttnProcessor(nn.Module):
             cross = F.scaled_dot_product_attention(q, split(self.to_k_ctx(tokens)), split(self.to_v_ctx(tokens)))
             out = out + scale * self.to_out_ctx(join(cross))
         return hidden_states + out.transpose(1, 2).unflatten(2, (h, w))  # one strided read, not a copy first
+
+
+def fused_qkv(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """q, k and v in one matmul: faster than three on CPU. The weights are concatenated per call (3·c² copied against
+    a tokens·3·c² matmul), so training, ``.to()`` and offloading never leave a fused copy stale."""
+    projections = (attn.to_q, attn.to_k, attn.to_v)  # diffusers gives all three a bias or none
+    bias = None if attn.to_q.bias is None else torch.cat([p.bias for p in projections])
+    return F.linear(x, torch.cat([p.weight for p in projections]), bias)
 
 
 def install_reference_attention(unet: UNet2DModel, context_width: int | None = None) -> None:
