@@ -45,6 +45,28 @@ class Progress:
             self.last_line = now
             self(f"sampling: step {step}/{total}, {rate:.2f} s/step, about {rate * (total - step):.0f} s left")
 
+    def counter(self, what: str, unit: str) -> Callable[[int, int], None]:
+        """A (done, total) callback for work counted in items: a bar with its ETA on a terminal, else a line every
+        few seconds with the rate and the time left."""
+        began = time.monotonic()
+        self.last_line = began
+
+        def update(done: int, total: int) -> None:
+            if self.tty:
+                if self.bar is None:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=total, desc=what, unit=unit, file=self.stream)
+                self.bar.update(done - self.bar.n)
+            elif done and (done == total or time.monotonic() - self.last_line >= self.every):
+                self.last_line = time.monotonic()
+                rate = (self.last_line - began) / done
+                self(f"{what}: {done}/{total} {unit}s, {rate:.1f} s/{unit}, about {rate * (total - done):.0f} s left")
+            if done >= total:
+                self._close()
+
+        return update
+
     def download(self, name: str) -> Callable[[int, int | None], None]:
         """A (bytes so far, total or None) callback for downloading ``name``."""
         self.last_line = time.monotonic()

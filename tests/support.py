@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -229,3 +230,75 @@ def export_iresnet(path, normalises_input: bool = False, seed: int = 0, dim: int
         for node in graph.graph.node[:8]:
             node.name = names.get(node.op_type, node.name)
         onnx.save(graph, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny FFHQ-Ref-format benchmark set from the real photos in tests/data/faces.
+
+
+def ffhq_ref_set(folder, size: int = 64, seed: int = 0) -> dict:
+    """FFHQ-Ref's layout under ``folder``: images/ (aligned HQ crops of each photo and its mirror image),
+    reference_mapping/test_references.csv (each image's references: the person's images from other photos, or its
+    own mirror for a person with one photo) and test_images/severe_degrad/ (the HQ crops degraded with the severe
+    preset and a fixed seed). Four people, twelve faces."""
+    import csv
+
+    from PIL import Image
+
+    from refface_core.faces import align_face, load_face_analysis
+    from refface_core.images import load_image
+    from refface_core.training.degradations import degrade_folder
+
+    analysis = load_face_analysis()
+    images, people = folder / "images", {}
+    images.mkdir(parents=True)
+    for photo in sorted((Path(__file__).parent / "data" / "faces").glob("*.jpg")):
+        pixels = np.asarray(load_image(photo))
+        crop = align_face(pixels, analysis.main_face(pixels, str(photo)).landmarks, size)[0]
+        for name, image in ((f"{photo.stem}.png", crop), (f"{photo.stem}m.png", crop[:, ::-1])):
+            Image.fromarray(np.ascontiguousarray(image)).save(images / name)
+            people.setdefault(photo.stem.split("_")[0], []).append((photo.stem, name))
+    degrade_folder(images, folder / "test_images" / "severe_degrad", "severe", seed)
+    (folder / "reference_mapping").mkdir()
+    with open(folder / "reference_mapping" / "test_references.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["gt_image", "lq_image", "ref_image"])
+        for images_of in people.values():
+            for photo, name in images_of:
+                refs = [n for p, n in images_of if p != photo] or [n for p, n in images_of if n != name]
+                writer.writerow([name, name, repr(refs)])
+    return {"data": folder, "images": images, "people": {k: [n for _, n in v] for k, v in people.items()}}
+
+
+def metrics_folder(folder, hq_images: list) -> None:
+    """Every metric's weights file in its public format, the learned ones random (seeded, as the metric tests make
+    them), lpips' real linear layers, and FID statistics of ``hq_images`` (H×W×3 uint8) under that Inception."""
+    import importlib.util
+    import shutil
+
+    from refface_core.evaluation.fid import InceptionFeatures, statistics
+
+    metrics = Path(__file__).parent / "data" / "metrics"
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(name, metrics / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    folder.mkdir(parents=True, exist_ok=True)
+    export_iresnet(folder / "insightface_webface_r50.onnx")
+    torch.save(script("lpips_fidelity_reference").random_vgg16(), folder / "vgg16-397923af.pth")
+    shutil.copy(metrics / "lpips_vgg_v0.1.pth", folder / "vgg.pth")
+    shutil.copy(metrics / "noref_niqe_params.mat", folder / "niqe_modelparameters.mat")
+    fid = script("fid_noref_reference")
+    with np.load(fid.FID_REFERENCE) as data:
+        sizes = np.split(data["dims"], np.cumsum(data["ndims"])[:-1])
+        state = fid.random_inception_state([str(n) for n in data["names"]], [tuple(int(d) for d in s) for s in sizes])
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, folder / "pt_inception-2015-12-05-6726825d.pth")
+    inception = InceptionFeatures.from_file(folder / "pt_inception-2015-12-05-6726825d.pth")
+    with torch.no_grad():
+        features = torch.cat([inception(torch.from_numpy(i.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1)
+                              for i in hq_images])  # fmt: skip
+    mu, sigma = statistics(features)
+    np.savez(folder / "ffhq_clean_trainval70k_512.npz", mu=mu, sigma=sigma)

@@ -153,7 +153,7 @@ class _ReferenceDataset(Dataset):
         order = [pool[i] for i in self._generators(index)[0].permutation(len(pool))]
         return (order * math.ceil(self.num_refs / len(order)))[: self.num_refs]
 
-    def _read(self, path: Path) -> np.ndarray:
+    def read(self, path: Path) -> np.ndarray:
         """An aligned square crop, resized to ``size``; anything else is an error naming the file."""
         image = np.asarray(load_image(path))
         h, w = image.shape[:2]
@@ -179,9 +179,9 @@ class _ReferenceDataset(Dataset):
     def _sample(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
         augment_rng, degrade_rng = self._generators(index)[1:]
-        hq = self._read(entry.target)
-        lq = self._read(entry.lq) if entry.lq is not None else None
-        refs = [self._read(path) for path in self.references_for(index)]
+        hq = self.read(entry.target)
+        lq = self.read(entry.lq) if entry.lq is not None else None
+        refs = [self.read(path) for path in self.references_for(index)]
         if self.augment:
             refs = [augment_reference(ref, augment_rng) for ref in refs]
             if augment_rng.random() < 0.5:  # ReF-LDM also flipped target, LQ and references together

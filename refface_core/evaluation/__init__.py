@@ -1,0 +1,1 @@
+"""Evaluation of face restoration: identity, perceptual, fidelity, distribution and no-reference metrics."""
