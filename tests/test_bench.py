@@ -138,7 +138,8 @@ def test_baseline_interrupted_removes_the_worktree_and_stops_its_run(model_dir, 
         assert children, "the baseline run did not start"
         assert "refface-baseline-" in worktrees()
         process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 130
+        code = process.wait(60)
+        assert code == 130, process.stderr.read().decode()[-3000:]  # what it said, should it end otherwise
     finally:
         for leftover in [process, *children]:
             if leftover.poll() is None if leftover is process else leftover.is_running():

@@ -230,7 +230,9 @@ def test_ids_is_arcface_cosine_on_refldms_crop_as_onnxruntime_computes_it(setup)
     assert any("LPIPS skipped" in line for line in lines) and scorer.arcface is not None
     faces = [np.asarray(Image.open(setup["images"] / f"{name}.png")) for name in ("obama", "sunak", "obamam")]
     session = ort.InferenceSession(str(setup["metrics"] / "insightface_webface_r50.onnx"))
-    crops = identity_preprocess(torch.stack([torch.from_numpy(f.copy()).permute(2, 0, 1).float() / 127.5 - 1 for f in faces]))
+    from refface_core.evaluation.metrics import to_tensor
+
+    crops = identity_preprocess(torch.cat([to_tensor(face) for face in faces]))
     emb = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
     cosine = emb @ emb.T / np.outer(np.linalg.norm(emb, axis=1), np.linalg.norm(emb, axis=1))
     scores = scorer.face(faces[0], faces[1], faces[2])

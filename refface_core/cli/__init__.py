@@ -11,9 +11,9 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import RefFaceError
-from . import bench, comfy_queue, convert, degrade, download, eval, faces, restore, train
+from . import album, bench, comfy_queue, convert, degrade, download, eval, faces, restore, train, video
 
-COMMANDS = (restore, download, convert, faces, degrade, train, eval, bench, comfy_queue)
+COMMANDS = (restore, album, video, download, convert, faces, degrade, train, eval, bench, comfy_queue)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,7 +66,7 @@ class Face:
         }
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
@@ -117,7 +117,7 @@ class FaceAnalysis(ABC):
         """Faces of both passes, each once: of two boxes that overlap, the upscaled pass's when the face is small."""
         merged = list(faces)
         for face in upscaled:
-            overlaps = [i for i, other in enumerate(merged) if _iou(face.bbox, other.bbox) > 0.3]
+            overlaps = [i for i, other in enumerate(merged) if box_iou(face.bbox, other.bbox) > 0.3]
             if not overlaps:
                 merged.append(face)
             elif face.size < self.small_face:

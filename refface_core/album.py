@@ -1,0 +1,562 @@
+"""Albums: every face of a photo collection grouped into people, and each person's degraded faces restored with
+that person's own best photos as references.
+
+Faces are grouped in two passes, because a recogniser is only reliable on clear faces (DESIGN §5b):
+
+1. the *core*, faces large and sharp enough for their identity to be trusted, is clustered with scikit-learn's
+   agglomerative clustering (average linkage on cosine distance, two faces of one photo never merged);
+2. every other face joins the person whose core it is most like, only when that similarity reaches a low floor
+   and beats the next person's by a margin. Degraded same-person similarities of 0.1-0.4 are normal, so an
+   absolute threshold alone would leave the faces that most need restoring in no person.
+
+The thresholds were tuned with the bundled SFace on photos outside tests/data: insightface's t1.jpg (six people)
+and face_recognition 1.3.0's obama.jpg, obama2.jpg, obama3.jpg and biden.jpg, each also degraded (ReF-LDM's
+moderate and severe presets, and small JPEG scans with 24, 16 and 10 px between the eyes).
+
+``OUT/people.json`` records every face, person, reference and decision. The user may edit which faces make each
+person (merge, split, move a face) and exclude references; a rerun keeps those edits, and every restored face is
+cached under a key of its inputs, so only what an edit changed is sampled again (and an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import RefFaceError, check_number, check_seeds
+from .faces import Face, FaceAnalysis, align_face, paste_back, scale_affine
+from .faces.matching import MIN_FACE_SIZE, UNSURE_DETECTION
+from .faces.references import MIN_REFERENCE_SIZE, rank_references, sharpness
+from .faces.tone import is_grayscale, match_tone
+from .files import path_kind, write_atomic
+from .images import IMAGE_SUFFIXES, load_photo, save_image, to_8bit
+
+if TYPE_CHECKING:
+    from .model import RefFaceRestorer
+
+PEOPLE_JSON = "people.json"
+CONTACT_SHEET = "album.html"
+CACHE = ".refface-album"  # inside OUT: detections, restored faces and thumbnails, reused by reruns
+FORMAT = 1
+# Core faces: the detector is sure, the face has CORE_SIZE px between the eyes and its 112 px identity crop a
+# Laplacian variance of CORE_SHARPNESS. Tuned: sharp faces measured 144-1900 and small scans with 24 px between the
+# eyes 89-186 (their identity still held), blurred (severe) faces 2-21.
+CORE_SIZE = 20.0
+CORE_SHARPNESS = 80.0
+# Core faces merge while their average cosine similarity reaches this (SFace: same person 0.62-0.84 on clear
+# photos, different people at most 0.30 on the tuning photos).
+CORE_SIMILARITY = 0.45
+# A degraded face joins the best person when its similarity to that person's core reaches JOIN_FLOOR and beats the
+# next person's by JOIN_MARGIN (with one person, beats 0 by it): faces.matching's face choice, measured on 768
+# degraded group photos. A looser 0.18 / 0.10 kept every degraded face of the tuning photos, but let a small scan
+# of a person with no sharp photo (0.26 to a stranger, 0.10 ahead of the next) join that stranger.
+JOIN_FLOOR = 0.20
+JOIN_MARGIN = 0.20
+# A face needs no restoring when its restorer-size (512 px) aligned crop has this Laplacian variance: sharp photos
+# measured 97-412 there, moderately degraded ones 38-52 and small or blurred ones under 12.
+KEEP_SHARP = 60.0
+MAX_REFERENCES = 5  # ReF-LDM's most
+FRONTAL_WEIGHT = 0.05  # as much as size or sharpness weighs in rank_references
+THUMB = 96
+
+
+@dataclass
+class AlbumFace:
+    """One detected face and what decides its fate."""
+
+    id: str  # "<photo file name>#<k>", k counting the photo's faces largest first: stable across reruns
+    photo: str
+    face: Face
+    embedding: np.ndarray
+    sharpness: float  # Laplacian variance of the 112 px identity crop: can its identity be trusted
+    detail: float  # Laplacian variance of the 512 px aligned crop: does it need restoring
+
+    @property
+    def core(self) -> bool:
+        return self.face.score >= UNSURE_DETECTION and self.face.size >= CORE_SIZE and self.sharpness >= CORE_SHARPNESS
+
+    @property
+    def frontal(self) -> float:
+        """1 for a frontal face, towards 0 as the nose and mouth move off the line between the eyes' midpoint."""
+        eyes = self.face.landmarks[1] - self.face.landmarks[0]
+        middle = self.face.landmarks[:2].mean(0)
+        lengthwise = [abs(float((p - middle) @ eyes)) / max(float(eyes @ eyes), 1e-6) for p in
+                      (self.face.landmarks[2], self.face.landmarks[3:].mean(0))]  # fmt: skip
+        return max(0.0, 1.0 - sum(lengthwise))
+
+
+@dataclass
+class Person:
+    id: str
+    faces: list[str]  # face ids
+    exclude: list[str] = field(default_factory=list)  # face ids the user took out of the references
+    references: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AlbumSettings:
+    max_refs: int = MAX_REFERENCES
+    keep_sharp: float = KEEP_SHARP
+    seed: int = 2024
+    upscale: float | None = 1.0  # None: restore's automatic factor per photo
+    tone: bool = True
+    batch_size: int = 8
+    sample_options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if isinstance(self.max_refs, bool) or not isinstance(self.max_refs, int) or self.max_refs < 1:
+            raise RefFaceError(f"--max-refs must be a whole number of at least 1, got {self.max_refs!r}")
+        check_number("--keep-sharp", self.keep_sharp, 0)
+        check_seeds([self.seed])
+
+
+@dataclass
+class Album:
+    faces: dict[str, AlbumFace]
+    people: list[Person]
+    decisions: dict[str, str]  # face id -> restored | kept sharp | reference | unmatched | too small | no reference
+    outputs: dict[str, dict[str, str]]  # photo -> {"output": file name in OUT, "key": what it was made from}
+    sampled: int  # faces sampled in this run (the rest came from the cache)
+
+
+def photo_files(folder: Path) -> list[Path]:
+    """The album's photos: image files directly in ``folder``, sorted."""
+    if path_kind(folder) != "folder":
+        raise RefFaceError(f"photo folder not found: {folder}")
+    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        raise RefFaceError(f"no photos ({' '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return photos
+
+
+def scan_photos(
+    analysis: FaceAnalysis,
+    photos: Sequence[Path],
+    cache: Path,
+    update: Callable[[int, int], None] = lambda done, total: None,
+) -> dict[str, AlbumFace]:
+    """Detect and embed every face of every photo. Each photo's result is cached by its bytes and the face models,
+    so a rerun or a resumed run detects only new or changed photos."""
+    cache.mkdir(parents=True, exist_ok=True)
+    faces: dict[str, AlbumFace] = {}
+    for done, path in enumerate(photos):
+        key = _digest(path.read_bytes(), analysis.name.encode())
+        stored = cache / f"{key}.npz"
+        if stored.is_file():
+            data = np.load(stored)
+        else:
+            pixels = to_8bit(load_photo(path).pixels)
+            found = analysis.detect(pixels)
+            crops = analysis.identity_crops(pixels, found)
+            data = {
+                "boxes": np.array([f.bbox for f in found]).reshape(-1, 4),
+                "landmarks": np.array([f.landmarks for f in found]).reshape(-1, 5, 2),
+                "scores": np.array([f.score for f in found]),
+                "embeddings": analysis.embed_crops(crops),
+                "sharpness": np.array([sharpness(c) for c in crops]),
+                "detail": np.array([sharpness(align_face(pixels, f.landmarks, 512)[0]) for f in found]),
+            }
+            write_atomic(stored, lambda tmp, data=data: _save_npz(tmp, data))
+        for k in range(len(data["scores"])):
+            face = Face(data["boxes"][k], data["landmarks"][k], float(data["scores"][k]))
+            face_id = f"{path.name}#{k}"
+            faces[face_id] = AlbumFace(
+                face_id, path.name, face, data["embeddings"][k], float(data["sharpness"][k]), float(data["detail"][k])
+            )
+        update(done + 1, len(photos))
+    return faces
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file, as np.savez would add ".npz" to a name
+        np.savez(f, **arrays)
+
+
+def cluster_faces(faces: Sequence[AlbumFace]) -> tuple[list[list[int]], list[int]]:
+    """People (lists of indices into ``faces``, largest first) and the faces in none: the core clustered, then
+    every other face joined by ranking and margin (see ``join_faces``)."""
+    core = [i for i, f in enumerate(faces) if f.core]
+    if len(core) > 1:
+        from sklearn.cluster import AgglomerativeClustering
+
+        embeddings = np.stack([faces[i].embedding for i in core])
+        distance = np.clip(1 - embeddings @ embeddings.T, 0, 2)
+        photos = np.array([faces[i].photo for i in core])
+        distance[(photos[:, None] == photos[None, :]) & ~np.eye(len(core), dtype=bool)] = 2  # one photo, two people
+        labels = AgglomerativeClustering(
+            n_clusters=None, metric="precomputed", linkage="average", distance_threshold=1 - CORE_SIMILARITY
+        ).fit(distance).labels_  # fmt: skip
+    else:
+        labels = np.zeros(len(core), int)
+    groups: dict[int, list[int]] = {}
+    for i, label in zip(core, labels, strict=True):
+        groups.setdefault(int(label), []).append(i)
+    people = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    rest = [i for i in range(len(faces)) if i not in set(core)]
+    joined = join_faces(faces, people, rest)
+    for i, person in joined.items():
+        people[person].append(i)
+    return [sorted(p) for p in people], [i for i in rest if i not in joined]
+
+
+def join_faces(
+    faces: Sequence[AlbumFace], people: Sequence[Sequence[int]], candidates: Sequence[int]
+) -> dict[int, int]:
+    """Which person each candidate face joins (face index -> person index): the most similar person's core, when
+    that similarity reaches JOIN_FLOOR and beats the runner-up by JOIN_MARGIN. A person appears once per photo:
+    faces compete for a person in their photo in order of similarity, and the core's own faces come first."""
+    if not people or not candidates:
+        return {}
+    centroids = np.stack([_centroid(faces, person) for person in people])
+    taken = {(faces[i].photo, p) for p, person in enumerate(people) for i in person}
+    similarity = {i: centroids @ faces[i].embedding for i in candidates if faces[i].face.size >= MIN_FACE_SIZE}
+    joined: dict[int, int] = {}
+    for i in sorted(similarity, key=lambda i: -float(similarity[i].max())):
+        free = [p for p in range(len(people)) if (faces[i].photo, p) not in taken]
+        ranked = sorted(free, key=lambda p: -float(similarity[i][p]))
+        if not ranked:
+            continue
+        best = float(similarity[i][ranked[0]])
+        runner_up = max(float(similarity[i][ranked[1]]) if len(ranked) > 1 else 0.0, 0.0)
+        if best >= JOIN_FLOOR and best - runner_up >= JOIN_MARGIN:
+            joined[i] = ranked[0]
+            taken.add((faces[i].photo, ranked[0]))
+    return joined
+
+
+def _centroid(faces: Sequence[AlbumFace], person: Sequence[int]) -> np.ndarray:
+    """A person's mean identity, from its core faces (all its faces when it has none, as a user's edit can make)."""
+    members = [i for i in person if faces[i].core] or list(person)
+    mean = np.mean([faces[i].embedding for i in members], axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+def choose_references(faces: Sequence[AlbumFace], exclude: Sequence[str], k: int, threshold: float) -> list[str]:
+    """Up to ``k`` reference face ids among a person's ``faces``: core faces only, the user's exclusions left out,
+    ranked by agreement with the others, size, sharpness (``rank_references``) and frontality; faces that look like
+    another person are dropped."""
+    pool = [f for f in faces if f.core and f.face.size >= MIN_REFERENCE_SIZE and f.id not in set(exclude)]
+    if not pool:
+        return []
+    reports = rank_references(
+        np.stack([f.embedding for f in pool]), [f.face.size for f in pool], [f.sharpness for f in pool], threshold
+    )
+    ranked = sorted(
+        (r for r in reports if not r.flagged), key=lambda r: -(r.score + FRONTAL_WEIGHT * pool[r.index].frontal)
+    )
+    return [pool[r.index].id for r in ranked[:k]]
+
+
+def decide(face: AlbumFace, person: Person | None, keep_sharp: float) -> str:
+    """What happens to a face: only a person's degraded faces, with references, are restored."""
+    if person is None:
+        return "unmatched"
+    if face.id in person.references:
+        return "reference"
+    if face.face.size < MIN_FACE_SIZE:
+        return "too small"
+    if face.detail >= keep_sharp:
+        return "kept sharp"
+    return "restored" if person.references else "no reference"
+
+
+def build_album(
+    restorer: RefFaceRestorer,
+    analysis: FaceAnalysis,
+    photos_dir: Path,
+    out: Path,
+    settings: AlbumSettings,
+    model_id: str,
+    log: Callable[[str], None] = print,
+    counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+) -> Album:
+    """The whole album: faces found (cached), grouped into people (or as ``people.json`` says, after an edit),
+    references chosen, degraded faces restored (cached by their inputs) and pasted back, ``people.json`` and the
+    contact sheet written. ``model_id`` names the model's weights in the cache keys. ``counter(what, unit)`` makes a
+    (done, total) progress callback."""
+    settings.check()
+    photos = photo_files(photos_dir)
+    if out.resolve() == photos_dir.resolve():
+        raise RefFaceError(f"--out {out} is the photo folder; give another folder (nothing is overwritten)")
+    if path_kind(out) not in ("folder", "missing"):
+        raise RefFaceError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    count = counter or (lambda what, unit: lambda done, total: None)
+    cache = out / CACHE
+    previous = _read_people(out / PEOPLE_JSON)  # a broken edit fails before any work
+    log(f"finding faces in {len(photos)} photo(s)")
+    found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
+    people = _people(found, previous, log)
+    threshold = analysis.same_person_threshold
+    for person in people:
+        person.references = choose_references([found[i] for i in person.faces], person.exclude, settings.max_refs,
+                                              threshold)  # fmt: skip
+    owner = {face_id: person for person in people for face_id in person.faces}
+    decisions = {face_id: decide(face, owner.get(face_id), settings.keep_sharp) for face_id, face in found.items()}
+    log(f"{len(people)} people; {sum(d == 'restored' for d in decisions.values())} face(s) to restore, "
+        f"{sum(d == 'unmatched' for d in decisions.values())} in no person")  # fmt: skip
+    pixels = {path.name: load_photo(path) for path in photos}
+    restored, sampled = _restore(restorer, found, people, decisions, pixels, settings, model_id, cache, count)
+    outputs = _paste(found, decisions, restored, pixels, settings, out, previous, log)
+    album = Album(found, people, decisions, outputs, sampled)
+    _write_people(out, album, settings, model_id, restored)
+    write_contact_sheet(out, album, pixels, restored)
+    return album
+
+
+def _people(found: dict[str, AlbumFace], previous: dict | None, log: Callable[[str], None]) -> list[Person]:
+    """People as the user left them in ``people.json`` (new faces joining them by margin), else clustered afresh."""
+    ids = list(found)
+    faces = [found[i] for i in ids]
+    if previous is None:
+        groups, _ = cluster_faces(faces)
+        return [Person(f"person_{n + 1}", [ids[i] for i in group]) for n, group in enumerate(groups)]
+    people = []
+    for entry in previous.get("people", []):
+        members = [face_id for face_id in entry.get("faces", []) if face_id in found]
+        if members:
+            people.append(Person(str(entry["id"]), members, [str(x) for x in entry.get("exclude_references", [])]))
+    known = {face_id for person in people for face_id in person.faces} | set(previous.get("unmatched", []))
+    new = [n for n, face_id in enumerate(ids) if face_id not in known]
+    if new:
+        log(f"{len(new)} face(s) not in {PEOPLE_JSON}: joining them to its people")
+        index = {face_id: n for n, face_id in enumerate(ids)}
+        groups = [[index[face_id] for face_id in person.faces] for person in people]
+        for i, p in join_faces(faces, groups, new).items():
+            people[p].faces.append(ids[i])
+    return people
+
+
+def _restore(
+    restorer: RefFaceRestorer,
+    found: dict[str, AlbumFace],
+    people: list[Person],
+    decisions: dict[str, str],
+    pixels: dict,
+    settings: AlbumSettings,
+    model_id: str,
+    cache: Path,
+    count: Callable[[str, str], Callable[[int, int], None]],
+) -> tuple[dict[str, Path], int]:
+    """Every face to restore, sampled in batches of faces (each with its person's context) unless its cached result
+    exists. A face's key covers its crop, its person's reference crops, the model, the settings and the seed."""
+    size = restorer.image_size
+    settings_text = json.dumps(settings.sample_options, sort_keys=True, default=str)
+    crops: dict[str, np.ndarray] = {}
+
+    def crop(face_id: str) -> np.ndarray:
+        if face_id not in crops:
+            face = found[face_id]
+            crops[face_id] = align_face(to_8bit(pixels[face.photo].pixels), face.face.landmarks, size)[0]
+        return crops[face_id]
+
+    faces_dir = cache / "faces"
+    faces_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    todo: list[tuple[str, Person]] = []
+    for person in people:
+        refs = [crop(face_id) for face_id in person.references]
+        for face_id in person.faces:
+            if decisions[face_id] == "restored":
+                inputs = (model_id, settings_text, settings.seed, restorer.dtype)
+                key = _digest(crop(face_id).tobytes(), *(r.tobytes() for r in refs), *(str(x).encode() for x in inputs))
+                paths[face_id] = faces_dir / f"{key}.png"
+                if not paths[face_id].is_file():
+                    todo.append((face_id, person))
+    if todo:
+        contexts = {}
+        for person in {p.id: p for _, p in todo}.values():
+            identity = np.stack([found[i].embedding for i in person.references])
+            contexts[person.id] = restorer.encode_context([crop(i) for i in person.references], identity)
+        update = count("faces", "face")
+        for start in range(0, len(todo), settings.batch_size):
+            chunk = todo[start : start + settings.batch_size]
+            images = restorer.restore_batch(
+                [crop(face_id) for face_id, _ in chunk], [contexts[p.id] for _, p in chunk],
+                [settings.seed] * len(chunk), settings.batch_size, **settings.sample_options,
+            )  # fmt: skip
+            for (face_id, _), image in zip(chunk, images, strict=True):
+                write_atomic(paths[face_id], lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
+            update(start + len(chunk), len(todo))
+    return paths, len(todo)
+
+
+def _paste(
+    found: dict[str, AlbumFace],
+    decisions: dict[str, str],
+    restored: dict[str, Path],
+    pixels: dict,
+    settings: AlbumSettings,
+    out: Path,
+    previous: dict | None,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, str]]:
+    """Each photo with restored faces, written into ``out`` as <name>.png. A file there is replaced only when it is
+    this album's own earlier output, unchanged since (its hash is in ``people.json``); any other file keeps its name
+    and the photo takes a free one."""
+    from .pipeline import auto_upscale, check_upscale
+
+    before = (previous or {}).get("photos", {})
+    outputs = {}
+    for name, photo in pixels.items():
+        targets = [f for f in found.values() if f.photo == name and decisions[f.id] == "restored"]
+        if not targets:
+            continue
+        key = _digest(*(restored[f.id].name.encode() for f in targets), str(settings.upscale).encode(),
+                      str(settings.tone).encode(), name.encode())  # fmt: skip
+        old = before.get(name, {})
+        own = old.get("output") and _file_digest(out / old["output"]) == old.get("sha256")
+        if own and old.get("key") == key:
+            outputs[name] = {"output": old["output"], "key": key}
+            continue
+        base, small = photo.pixels, to_8bit(photo.pixels)
+        upscale = settings.upscale or auto_upscale(small.shape, [f.face.size for f in targets])
+        check_upscale(small.shape, upscale)
+        if upscale != 1:
+            base = cv2.resize(base, (round(small.shape[1] * upscale), round(small.shape[0] * upscale)),
+                              interpolation=cv2.INTER_LANCZOS4)  # fmt: skip
+        factors = (base.shape[1] / small.shape[1], base.shape[0] / small.shape[0])
+        gray = settings.tone and is_grayscale(small)
+        for f in targets:
+            lq, affine = align_face(small, f.face.landmarks, 512)
+            face = np.asarray(Image.open(restored[f.id]).convert("RGB"))
+            lq = cv2.resize(lq, face.shape[1::-1], interpolation=cv2.INTER_AREA)
+            face = match_tone(face, lq, gray) if settings.tone else face
+            base = paste_back(base, face, scale_affine(affine, *factors), 512)
+        path = out / old["output"] if own else _free_name(out, Path(name).stem)
+        save_image(base, path, {"software": "RefFace album", "source": name, "key": key}, photo.exif, photo.icc)
+        log(f"wrote {path}")
+        outputs[name] = {"output": path.name, "key": key}
+    return outputs
+
+
+def _free_name(out: Path, stem: str) -> Path:
+    path, n = out / f"{stem}.png", 1
+    while path.exists():
+        n += 1
+        path = out / f"{stem}-{n}.png"
+    return path
+
+
+def _read_people(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RefFaceError(f"cannot read {path} ({e}); fix it, or move it away to group the faces afresh") from None
+    if not isinstance(data, dict) or not isinstance(data.get("people"), list):
+        raise RefFaceError(f"{path} is not an album's {PEOPLE_JSON} (no 'people' list); move it away to start afresh")
+    for entry in data["people"]:
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("faces"), list):
+            raise RefFaceError(f"{path}: each person needs an 'id' and a 'faces' list, got {str(entry)[:80]}")
+    ids = [str(entry["id"]) for entry in data["people"]]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise RefFaceError(f"{path}: person ids must differ; repeated: {', '.join(twice)}")
+    return data
+
+
+def _write_people(out: Path, album: Album, settings: AlbumSettings, model_id: str, restored: dict[str, Path]) -> None:
+    """``people.json``: what the user reads and edits (people's ``faces`` and ``exclude_references``)."""
+    owner = {face_id: person.id for person in album.people for face_id in person.faces}
+    photos = {name: {**entry, "sha256": _file_digest(out / entry["output"])} for name, entry in album.outputs.items()}
+    data = {
+        "format": FORMAT,
+        "how_to_edit": "Move face ids between people's 'faces' lists to merge or split people (a new person needs a "
+        "new 'id'), or into 'unmatched'; list face ids in 'exclude_references' to keep them out of the references. "
+        "Then run the same command again: only what changed is restored again.",
+        "settings": {
+            "model": model_id,
+            "seed": settings.seed,
+            "max_refs": settings.max_refs,
+            "keep_sharp": settings.keep_sharp,
+            **settings.sample_options,
+        },  # fmt: skip
+        "people": [
+            {"id": p.id, "faces": p.faces, "references": p.references, "exclude_references": p.exclude}
+            for p in album.people
+        ],
+        "unmatched": [face_id for face_id, d in album.decisions.items() if d == "unmatched"],
+        "faces": {
+            face_id: {
+                "photo": face.photo,
+                "box": [round(float(v), 1) for v in face.face.bbox],
+                "person": owner.get(face_id),
+                "decision": album.decisions[face_id],
+                "size": round(face.face.size, 1),
+                "sharpness": round(face.detail, 1),
+                **({"restored": str(restored[face_id].relative_to(out))} if face_id in restored else {}),
+            }
+            for face_id, face in album.faces.items()
+        },
+        "photos": photos,
+    }
+    write_atomic(out / PEOPLE_JSON, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
+def write_contact_sheet(out: Path, album: Album, pixels: dict, restored: dict[str, Path]) -> None:
+    """``album.html``: a row per person (references, then each restored face before and after), then the faces in
+    no person. Thumbnails sit in the cache folder, linked relatively: the page opens from the disk."""
+    thumbs = out / CACHE / "thumbs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+
+    def thumb(face_id: str, after: bool = False) -> str:
+        face = album.faces[face_id]
+        if after:
+            image = np.asarray(Image.open(restored[face_id]).convert("RGB"))
+        else:
+            image = align_face(to_8bit(pixels[face.photo].pixels), face.face.landmarks, THUMB)[0]
+        name = f"{_digest(face_id.encode(), str(after).encode())}.jpg"
+        Image.fromarray(image).resize((THUMB, THUMB), Image.LANCZOS).save(thumbs / name, quality=90)
+        return f'<img src="{CACHE}/thumbs/{name}" title="{html.escape(face_id)}" alt="{html.escape(face_id)}">'
+
+    rows = []
+    for person in album.people:
+        refs = "".join(thumb(i) for i in person.references) or "<em>no reference</em>"
+        pairs = "".join(
+            f"<figure>{thumb(i)}{thumb(i, True)}<figcaption>{html.escape(i)}</figcaption></figure>"
+            for i in person.faces if album.decisions[i] == "restored"
+        )  # fmt: skip
+        kept = sum(album.decisions[i] == "kept sharp" for i in person.faces)
+        rows.append(f"<tr><th>{html.escape(person.id)}<br><small>{len(person.faces)} faces, {kept} kept sharp"
+                    f"</small></th><td>{refs}</td><td>{pairs}</td></tr>")  # fmt: skip
+    unmatched = "".join(thumb(i) for i, d in album.decisions.items() if d == "unmatched")
+    page = (
+        "<!doctype html><meta charset=utf-8><title>RefFace album</title><style>body{font-family:sans-serif}"
+        "td,th{border-bottom:1px solid #ccc;padding:6px;vertical-align:top}figure{display:inline-block;margin:4px}"
+        "img{margin:1px}</style><h1>RefFace album</h1><p>Edit people.json to merge or split people or exclude a "
+        "reference, then run the command again.</p><table><tr><th>person</th><th>references</th>"
+        "<th>restored faces: before, after</th></tr>" + "".join(rows) + "</table>"
+        f"<h2>In no person (left unchanged)</h2><p>{unmatched or 'none'}</p>"
+    )
+    write_atomic(out / CONTACT_SHEET, lambda tmp: Path(tmp).write_text(page))
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:32]
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def model_id(folder: str | os.PathLike) -> str:
+    """Names a model folder's weights for the cache keys: its config and its files' sizes and times."""
+    folder = Path(folder)
+    parts = [(folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b""]
+    parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode() for p in sorted(folder.glob("*"))]
+    return _digest(*parts)

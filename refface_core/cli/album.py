@@ -1,0 +1,104 @@
+"""`refface album`: every person in a folder of photos, each restored with their own best photos as references."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import add_face_models_option, add_sampling_options, sampling_options
+
+
+def add_to(commands: argparse._SubParsersAction) -> None:
+    album = commands.add_parser(
+        "album", help="group the faces of a photo folder into people and restore each with that person's best photos"
+    )
+    album.add_argument("photos", type=Path, metavar="PHOTOS_DIR", help="folder of photos (not searched recursively)")
+    album.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: restored photos (never overwriting), people.json (edit it and rerun) and album.html",
+    )
+    album.add_argument(
+        "--model",
+        type=Path,
+        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
+    )
+    album.add_argument("--max-refs", type=int, default=5, help="references per person, chosen automatically (5)")
+    album.add_argument(
+        "--keep-sharp",
+        type=float,
+        default=60.0,
+        metavar="THRESHOLD",
+        help="leave a face alone when its 512 px aligned crop is this sharp (Laplacian variance; default 60: sharp "
+        "photos measure about 100-400, degraded ones under 50)",
+    )
+    album.add_argument(
+        "--upscale",
+        type=float,
+        default=1.0,
+        help="output size over the photo's (default 1; 0: restore's automatic factor, up to 4, per photo)",
+    )
+    album.add_argument(
+        "--colorize", action="store_true", help="keep the model's colours (default: the photo's tone, e.g. sepia)"
+    )
+    album.add_argument("--batch-size", type=int, default=8, help="faces per sampler run (default 8)")
+    add_face_models_option(album)
+    add_sampling_options(album)
+    album.add_argument("--seed", type=int, default=2024, help="noise seed (default 2024, as ReF-LDM)")
+    album.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..album import PEOPLE_JSON, AlbumSettings, build_album, model_id, photo_files
+    from ..errors import RefFaceError
+    from ..faces import load_face_analysis
+    from ..files import check_writable_folder
+    from ..pipeline import check_upscale
+    from ..progress import Progress
+    from ..sampling import make_branches, make_solver
+    from .restore import load_model
+
+    settings = AlbumSettings(
+        max_refs=args.max_refs,
+        keep_sharp=args.keep_sharp,
+        seed=args.seed,
+        upscale=args.upscale or None,
+        tone=not args.colorize,
+        batch_size=args.batch_size,
+        sample_options=sampling_options(args),
+    )
+    settings.check()  # every quick check before the model loads
+    if args.upscale:
+        check_upscale((1, 1), args.upscale)
+    if args.batch_size < 1:
+        raise RefFaceError(f"--batch-size must be at least 1, got {args.batch_size}")
+    photo_files(args.photos)
+    check_writable_folder(args.out)
+    make_solver(args.solver, args.steps, args.spacing)
+    make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
+
+    progress = Progress()
+    model, _ = load_model(args, progress)
+    analysis = load_face_analysis(args.face_models)
+    album = build_album(
+        model, analysis, args.photos, args.out, settings, model_id(model_folder(args)), progress, progress.counter
+    )
+    unmatched = [face_id for face_id, decision in album.decisions.items() if decision == "unmatched"]
+    progress(
+        f"{len(album.people)} people, {sum(d == 'restored' for d in album.decisions.values())} face(s) restored "
+        f"({album.sampled} sampled now, the rest cached), {len(album.outputs)} photo(s) written into {args.out}"
+    )
+    if unmatched:
+        progress(f"left unchanged, in no person ({len(unmatched)}): {', '.join(unmatched)}")
+    progress(f"edit {args.out / PEOPLE_JSON} to merge or split people or exclude references, then run again")
+    return 0
+
+
+def model_folder(args: argparse.Namespace) -> Path:
+    """The folder the model was loaded from (as ``load_model`` picks it)."""
+    if args.model is not None:
+        return args.model
+    from ..weights import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,114 @@
+"""`refface video`: one person's face restored through a video, consistent from frame to frame."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import RefFaceError, check_seeds
+from .options import add_face_models_option, add_sampling_options, sampling_options
+
+DEFAULT_SMOOTH = 9  # frames: about a third of a second at 25-30 fps
+
+
+def add_to(commands: argparse._SubParsersAction) -> None:
+    video = commands.add_parser("video", help="restore a person's face through a video, using reference photos")
+    video.add_argument("input", type=Path, metavar="IN", help="the video (anything PyAV's FFmpeg reads)")
+    video.add_argument(
+        "--ref", required=True, action="append", type=Path, help="a good photo (or a folder) of the person; repeat"
+    )
+    video.add_argument("--out", required=True, type=Path, help="output video (.mp4, .mov, .mkv, .webm, .avi)")
+    video.add_argument(
+        "--model",
+        type=Path,
+        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
+    )
+    video.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    video.add_argument(
+        "--smooth",
+        type=int,
+        default=DEFAULT_SMOOTH,
+        help=f"smooth the landmarks over N frames so the face crop does not jitter (default {DEFAULT_SMOOTH}; 1 = off)",
+    )
+    video.add_argument("--batch-size", type=int, default=8, help="frames per UNet call (default 8)")
+    video.add_argument("--track", type=int, help="restore only this track (0 = longest; listed as the run starts)")
+    video.add_argument("--all-tracks", action="store_true", help="restore every face track, not only the person's")
+    video.add_argument(
+        "--colorize", action="store_true", help="keep the model's colours (default: the video's tone, e.g. sepia)"
+    )
+    video.add_argument("--keep-refs", type=int, help="use only the best K references")
+    video.add_argument("--ref-threshold", type=float, help="same-person similarity threshold (model default)")
+    add_face_models_option(video)
+    add_sampling_options(video)
+    video.add_argument("--seed", type=int, default=2024, help="noise seed, the same for every frame (default 2024)")
+    video.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..files import path_kind, write_atomic
+    from ..video import check_paths, open_video
+
+    check_seeds([args.seed])
+    if args.smooth < 1:
+        raise RefFaceError(f"--smooth must be at least 1 frame (1 = off), got {args.smooth}")
+    if args.batch_size < 1:
+        raise RefFaceError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if path_kind(args.input) != "file":
+        raise RefFaceError(f"video not found: {args.input}")
+    check_paths(args.input, args.out, args.overwrite)
+    open_video(args.input).close()  # not a video: say so before the model loads
+    from ..sampling import make_branches, make_solver
+    from .restore import image_files, load_model
+
+    refs, _ = image_files(args.ref, "--ref")
+    make_solver(args.solver, args.steps, args.spacing)  # bad sampling options fail now, not after the model loads
+    make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
+
+    from ..faces import load_face_analysis, prepare_references
+    from ..progress import Progress
+    from ..video import restore_video, summary_lines
+
+    progress = Progress()
+    model, model_name = load_model(args, progress)
+    if model.context_encoder is not None:
+        raise RefFaceError("models with Composite Context are not supported by `refface video` yet")
+    analysis = load_face_analysis(args.face_models)
+    progress(f"preparing {len(refs)} reference(s)")
+    names = [str(p) for p in refs]
+    references = prepare_references(analysis, refs, model.image_size, names, args.keep_refs, args.ref_threshold)
+    for line in references.lines:
+        progress(line)
+    context = model.encode_context(references.crops, references.embeddings)
+    select = args.track if args.track is not None else ("all" if args.all_tracks else "matching")
+    stat = args.input.stat()
+    settings = {
+        "input": [str(args.input.resolve()), stat.st_size, stat.st_mtime_ns],
+        "references": references.names,
+        "model": str(args.model or model_name),
+        "face_models": str(args.face_models),
+        "threshold": args.ref_threshold,
+        **sampling_options(args),
+    }
+    result = restore_video(
+        model, analysis, args.input, args.out, references.embeddings, context, settings, select, args.ref_threshold,
+        args.smooth, args.seed, args.batch_size, not args.colorize, progress, progress.counter,
+        **sampling_options(args),
+    )  # fmt: skip
+    report = {
+        "input": str(args.input),
+        "output": str(args.out),
+        "references": references.names,
+        "model": model_name,
+        "seed": args.seed,
+        "smooth": args.smooth,
+        "settings": sampling_options(args),
+        **result.to_json(),
+    }
+    report_path = args.out.with_name(args.out.name + ".json")
+    text = json.dumps(report, indent=2)
+    write_atomic(report_path, lambda tmp: Path(tmp).write_text(text))
+    for line in summary_lines(result):
+        progress(line)
+    print(f"wrote {args.out} and {report_path}")
+    return 0

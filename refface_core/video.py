@@ -1,0 +1,620 @@
+"""One person across the frames of a video: faces tracked, the person's track restored with temporal consistency
+(landmarks smoothed over time so the crop does not jitter, one seed for every frame of a track), pasted back, and
+the video written again with its timing, size, rotation, codec and audio kept.
+
+The work is three passes over the decoded video, so that no more than a frame or two is held in memory:
+
+1. analyse: detect and embed every face, link detections into tracks, choose the person's track(s) and smooth
+   their landmarks;
+2. restore: align each chosen face with its smoothed landmarks and restore a track's frames in batches with one
+   shared context; each restored crop is kept in OUT.parts/ (resumable);
+3. encode: paste the crops back, encode, copy the audio packets, and measure flicker and identity per frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import RefFaceError
+from .faces import (
+    Face,
+    FaceAnalysis,
+    PhotoFaces,
+    Wording,
+    align_face,
+    alignment_transform,
+    choose_faces,
+    face_similarity,
+    paste_back,
+    paste_mask,
+)
+from .faces.analysis import box_iou
+from .faces.matching import USABLE_SHARPNESS, USABLE_SIZE
+from .faces.references import sharpness
+from .files import write_atomic
+
+if TYPE_CHECKING:
+    import av
+
+    from .model import CompositeContext, RefFaceRestorer
+
+# Output containers by suffix: the temporary file beside OUT has no telling suffix of its own.
+CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
+FALLBACK_ENCODER = "libx264"  # where the input's codec has no encoder in PyAV's FFmpeg
+# Linking detections into tracks: a detection continues a track seen at most MAX_GAP frames before when their boxes
+# overlap by MIN_IOU, or when it looks like the same person (the recogniser's threshold); a missed detection inside
+# a track's span is interpolated, so the person's face does not flip between restored and not.
+MIN_IOU = 0.3
+MAX_GAP = 5
+POLY_ORDER = 2  # Savitzky-Golay: quadratic over the window, so steady motion and zoom pass, jitter does not
+TRACK_WORDING = Wording("--track N, tracks listed longest first", "--all-tracks", "an aligned video is not supported")
+
+
+@dataclass
+class VideoInfo:
+    """What the output keeps of the input's video stream."""
+
+    frames: int
+    width: int  # as stored, before rotation
+    height: int
+    rate: Fraction | None  # the stream's base frame rate (FFmpeg's r_frame_rate); timestamps say the rest
+    time_base: Fraction
+    rotation: int  # counter-clockwise degrees to display it upright (a multiple of 90)
+    codec: str
+    pix_fmt: str
+    bit_rate: int | None
+    audio: list[str]  # codecs of the audio streams, copied unchanged
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "width": self.width, "height": self.height,
+            "rate": str(self.rate) if self.rate else None, "rotation": self.rotation, "codec": self.codec,
+            "bit_rate": self.bit_rate, "audio": self.audio,
+        }  # fmt: skip
+
+
+@dataclass
+class Track:
+    """One face followed across frames. ``landmarks`` holds every frame of its span, missed ones interpolated."""
+
+    frames: list[int] = field(default_factory=list)  # frames where it was detected
+    faces: list[Face] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    usable: list[bool] = field(default_factory=list)  # big and sharp enough for its identity to be trusted
+
+    def identity(self) -> np.ndarray:
+        """The mean of its embeddings, normalised: a track's many degraded frames say more than one frame does."""
+        mean = np.mean(self.embeddings, axis=0)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+    def landmarks(self) -> dict[int, np.ndarray]:
+        """Landmarks for every frame from its first to its last detection, gaps interpolated linearly."""
+        points = np.stack([face.landmarks for face in self.faces]).reshape(len(self.faces), -1)
+        span = np.arange(self.frames[0], self.frames[-1] + 1)
+        filled = np.stack([np.interp(span, self.frames, points[:, k]) for k in range(points.shape[1])], axis=1)
+        return {int(t): row.reshape(5, 2) for t, row in zip(span, filled, strict=True)}
+
+
+def open_video(path: Path) -> av.container.InputContainer:
+    """The input container, or one clear RefFaceError: missing, not a video, no video stream."""
+    import av
+
+    if not path.is_file():
+        raise RefFaceError(f"video not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise RefFaceError(f"not a readable video: {path} ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise RefFaceError(f"{path} has no video stream")
+    return container
+
+
+def probe(path: Path) -> VideoInfo:
+    """The video stream's properties; the frames are counted by decoding where the container does not say."""
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        decoded = _decode(container, path)
+        first = next(decoded, None)
+        if first is None:
+            raise RefFaceError(f"{path}: the video stream has no frames")
+        rotation = int(round(first.rotation / 90)) * 90 % 360
+        frames = stream.frames or 1 + sum(1 for _ in decoded)
+        bit_rate = stream.bit_rate or codec.bit_rate or None
+        if not bit_rate and container.duration:  # the whole file's rate, less its audio
+            audio = sum(s.bit_rate or 0 for s in container.streams.audio)
+            bit_rate = max(int(path.stat().st_size * 8 / (container.duration / 1e6)) - audio, 0) or None
+        return VideoInfo(
+            frames, codec.width, codec.height, stream.base_rate or stream.average_rate, stream.time_base, rotation,
+            codec.name, codec.pix_fmt or "yuv420p", bit_rate, [s.codec_context.name for s in container.streams.audio],
+        )  # fmt: skip
+
+
+def _decode(container: av.container.InputContainer, path: Path) -> Iterator[av.VideoFrame]:
+    import av
+
+    try:
+        yield from container.decode(container.streams.video[0])
+    except av.FFmpegError as e:
+        raise RefFaceError(f"cannot decode {path}: {e}") from None
+
+
+def upright(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+    """The frame as RGB, turned as a player shows it, so the faces stand up for the detector."""
+    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), rotation // 90))
+
+
+def frames_of(path: Path, rotation: int) -> Iterator[np.ndarray]:
+    """Upright RGB frames, in presentation order."""
+    with open_video(path) as container:
+        for frame in _decode(container, path):
+            yield upright(frame, rotation)
+
+
+def analyse(
+    analysis: FaceAnalysis, path: Path, info: VideoInfo, update: Callable[[int, int], None] | None = None
+) -> list[Track]:
+    """Detect and embed every face of every frame and link them into tracks, longest first."""
+    detections = []
+    for t, image in enumerate(frames_of(path, info.rotation)):
+        faces = analysis.detect(image)
+        crops = analysis.identity_crops(image, faces)
+        usable = [f.size >= USABLE_SIZE and sharpness(c) >= USABLE_SHARPNESS for f, c in zip(faces, crops, strict=True)]
+        detections.append((faces, analysis.embed_crops(crops), usable))
+        if update:
+            update(t + 1, info.frames)
+    return link_tracks(detections, analysis.same_person_threshold)
+
+
+def link_tracks(detections: list[tuple[list[Face], np.ndarray, list[bool]]], threshold: float) -> list[Track]:
+    """Greedy frame-to-frame linking: each detection joins the open track it overlaps most (box IoU) plus looks most
+    like (cosine to the track's identity), if it overlaps by MIN_IOU or reaches ``threshold``; else it starts one."""
+    tracks: list[Track] = []
+    for t, (faces, embeddings, usable) in enumerate(detections):
+        open_tracks = [k for k, track in enumerate(tracks) if t - track.frames[-1] <= MAX_GAP]
+        pairs = []
+        for k in open_tracks:
+            last, identity = tracks[k].faces[-1], tracks[k].identity()
+            for i, face in enumerate(faces):
+                overlap, similar = box_iou(last.bbox, face.bbox), float(embeddings[i] @ identity)
+                if overlap >= MIN_IOU or similar >= threshold:
+                    pairs.append((overlap + similar, k, i))
+        taken_tracks, taken_faces = set(), set()
+        for _, k, i in sorted(pairs, reverse=True):
+            if k not in taken_tracks and i not in taken_faces:
+                taken_tracks.add(k)
+                taken_faces.add(i)
+                tracks[k].frames.append(t)
+                tracks[k].faces.append(faces[i])
+                tracks[k].embeddings.append(embeddings[i])
+                tracks[k].usable.append(usable[i])
+        for i in range(len(faces)):
+            if i not in taken_faces:
+                tracks.append(Track([t], [faces[i]], [embeddings[i]], [usable[i]]))
+    return sorted(tracks, key=lambda track: (-len(track.frames), -max(f.size for f in track.faces)))
+
+
+def choose_tracks(
+    tracks: list[Track],
+    identity: np.ndarray,
+    select: str | int,
+    threshold: float,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """The person's tracks, by the rule that chooses a photo's faces (``choose_faces``), each track judged by its
+    mean identity over all its frames; the report says "track" where that rule says "face"."""
+    if not tracks:
+        raise RefFaceError("no face found in any frame of the video")
+    biggest = [max(track.faces, key=lambda f: f.size) for track in tracks]
+    similarity = face_similarity(np.stack([track.identity() for track in tracks]), identity)
+    usable = np.array([any(track.usable) for track in tracks])
+    for k, track in enumerate(tracks):
+        log(f"track {k}: frames {track.frames[0]}-{track.frames[-1]} ({len(track.frames)} detected)")
+    return choose_faces(
+        PhotoFaces(biggest, similarity, usable),
+        select,
+        threshold,
+        lambda line: log(re.sub(r"^(warning: )?face (\d+)", r"\1track \2", line)),
+        TRACK_WORDING,
+    )
+
+
+def smooth_landmarks(landmarks: np.ndarray, window: int) -> np.ndarray:
+    """Landmarks [T, 5, 2] smoothed over time with a Savitzky-Golay filter of ``window`` frames (odd; shortened to
+    the track's length), which removes the detector's frame-to-frame jitter but keeps steady motion and zoom."""
+    window = min(window, len(landmarks) - (len(landmarks) % 2 == 0))
+    if window <= POLY_ORDER:
+        return landmarks
+    from scipy.signal import savgol_filter
+
+    return savgol_filter(landmarks, window, POLY_ORDER, axis=0, mode="interp")
+
+
+def track_plan(track: Track, window: int) -> dict[int, np.ndarray]:
+    """Frame -> the smoothed landmarks to align that frame's face with."""
+    filled = track.landmarks()
+    smoothed = smooth_landmarks(np.stack(list(filled.values())), window)
+    return dict(zip(filled, smoothed, strict=True))
+
+
+class Parts:
+    """OUT.parts/: the restored crops of a run, one PNG per track and frame, and the plan they were made for. A rerun
+    with the same settings takes them up where it stopped; other settings start afresh."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
+        self.folder = out.with_name(out.name + ".parts")
+        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load_plan(self) -> tuple[dict[int, dict[int, np.ndarray]], list[dict[str, Any]]] | None:
+        """The plan and track list of an earlier run with the same settings, or None (and an empty folder)."""
+        try:
+            saved = json.loads((self.folder / "plan.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved is None or saved.get("key") != self.key:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return None
+        plan = {
+            int(k): {int(t): np.array(points, np.float64) for t, points in frames.items()}
+            for k, frames in saved["plan"].items()
+        }
+        return plan, saved["tracks"]
+
+    def save_plan(self, plan: dict[int, dict[int, np.ndarray]], tracks: list[dict[str, Any]]) -> None:
+        self.folder.mkdir(exist_ok=True)
+        frames = {k: {t: points.tolist() for t, points in plan_k.items()} for k, plan_k in plan.items()}
+        text = json.dumps({"key": self.key, "plan": frames, "tracks": tracks})
+        write_atomic(self.folder / "plan.json", lambda tmp: Path(tmp).write_text(text))
+
+    def path(self, track: int, frame: int) -> Path:
+        return self.folder / f"track{track}_frame{frame:07d}.png"
+
+    def save(self, track: int, frame: int, crop: np.ndarray) -> None:
+        from PIL import Image
+
+        write_atomic(self.path(track, frame), lambda tmp: Image.fromarray(crop).save(tmp, format="PNG"))
+
+    def load(self, track: int, frame: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.path(track, frame)) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def restore_tracks(
+    restorer: RefFaceRestorer,
+    path: Path,
+    info: VideoInfo,
+    plan: dict[int, dict[int, np.ndarray]],
+    context: CompositeContext,
+    parts: Parts,
+    seed: int,
+    batch_size: int,
+    tone: bool = True,
+    update: Callable[[int, int], None] | None = None,
+    **sample_options: Any,
+) -> int:
+    """Restore every planned face not yet in ``parts``: a track's frames go through ``restore_batch`` together,
+    ``batch_size`` at a time, all from the same ``seed`` (the same initial noise) and the one shared ``context``.
+    Returns how many were restored now."""
+    from .faces.tone import is_grayscale
+    from .pipeline import restore_crops
+
+    todo = {k: {t for t in frames if not parts.path(k, t).exists()} for k, frames in plan.items()}
+    total = sum(len(frames) for frames in plan.values())
+    done = total - sum(len(frames) for frames in todo.values())
+    gray: dict[int, bool | None] = {}  # decided once per track, on its first crop: a face does not flip to colour
+    pending: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in plan}
+
+    def flush(k: int) -> None:
+        nonlocal done
+        frames = [t for t, _ in pending[k]]
+        crops = [crop for _, crop in pending[k]]
+        restored = restore_crops(restorer, crops, context, [seed], tone, gray[k], batch_size=batch_size,
+                                 **sample_options)  # fmt: skip
+        for t, (face,) in zip(frames, restored, strict=True):
+            parts.save(k, t, face)
+        pending[k].clear()
+        done += len(frames)
+        if update:
+            update(done, total)
+
+    if not any(todo.values()):
+        return 0
+    for t, image in enumerate(frames_of(path, info.rotation)):
+        for k, frames in todo.items():
+            if t in frames:
+                crop, _ = align_face(image, plan[k][t], restorer.image_size)
+                gray.setdefault(k, tone and is_grayscale(crop))
+                pending[k].append((t, crop))
+                if len(pending[k]) == batch_size:
+                    flush(k)
+    for k in plan:
+        if pending[k]:
+            flush(k)
+    return sum(len(frames) for frames in todo.values())
+
+
+@dataclass
+class TrackMeasure:
+    """Flicker and identity of one restored track, gathered frame by frame while encoding."""
+
+    flicker_out: list[float] = field(default_factory=list)
+    flicker_in: list[float] = field(default_factory=list)
+    identity: dict[int, float] = field(default_factory=dict)
+    identity_in: dict[int, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        ids, ids_in = list(self.identity.values()), list(self.identity_in.values())
+        return {
+            "frames": len(self.identity),
+            "flicker": {"output": _mean(self.flicker_out), "input": _mean(self.flicker_in)},
+            "identity": {"mean": _mean(ids), "min": _round(min(ids)) if ids else None, "input_mean": _mean(ids_in)},
+            "per_frame": [
+                {"frame": t, "identity": _round(self.identity[t]), "identity_input": _round(self.identity_in[t])}
+                for t in self.identity
+            ],
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return _round(float(np.mean(values))) if values else None
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4)
+
+
+def flicker(before: np.ndarray, after: np.ndarray, region: np.ndarray) -> float:
+    """Mean absolute difference (0-255) of two consecutive frames over a region: how much the face changes."""
+    return float(np.abs(after[region].astype(np.float32) - before[region].astype(np.float32)).mean())
+
+
+def encode_video(
+    path: Path,
+    out: str,
+    container_format: str,
+    info: VideoInfo,
+    plan: dict[int, dict[int, np.ndarray]],
+    parts: Parts,
+    crop_size: int,
+    analysis: FaceAnalysis,
+    identity: np.ndarray,
+    update: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[int, TrackMeasure]:
+    """Write the video to ``out``: every frame at its own timestamp, the planned faces pasted back, the audio packets
+    copied as they are; and measure each track's flicker (against the input's, over the same region) and identity
+    (cosine of the face to the references' mean, restored and as it was)."""
+    import av
+
+    measures = {k: TrackMeasure() for k in plan}
+    previous: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # track: frame, input, output, region
+    person = identity.reshape(-1, identity.shape[-1]).mean(0)
+    person = person / max(float(np.linalg.norm(person)), 1e-12)
+
+    def restored(frame: av.VideoFrame, t: int) -> av.VideoFrame:
+        """Frame ``t`` with its planned faces pasted back (the decoded frame itself where it has none), measured."""
+        here = [k for k in plan if t in plan[k]]
+        if not here:
+            frame.pict_type = av.video.frame.PictureType.NONE  # let the encoder choose, not copy the input's
+            return frame
+        before = after = upright(frame, info.rotation)
+        for k in here:
+            after = paste_back(after, parts.load(k, t), alignment_transform(plan[k][t], crop_size))
+        for k in here:
+            measure, landmarks = measures[k], plan[k][t]
+            region = paste_mask(alignment_transform(landmarks, crop_size), crop_size, before.shape) > 0.5
+            if k in previous and previous[k][0] == t - 1:
+                _, before_prev, after_prev, region_prev = previous[k]
+                both = region | region_prev
+                measure.flicker_out.append(flicker(after_prev, after, both))
+                measure.flicker_in.append(flicker(before_prev, before, both))
+            previous[k] = (t, before, after, region)
+            face = [Face(np.r_[landmarks.min(0), landmarks.max(0)], landmarks, 1.0)]
+            measure.identity[t] = float(analysis.embed(after, face)[0] @ person)
+            measure.identity_in[t] = float(analysis.embed(before, face)[0] @ person)
+        made = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(after, -(info.rotation // 90))), "rgb24")
+        made.pts, made.time_base = frame.pts, frame.time_base
+        return made
+
+    durations: dict[Fraction, Fraction] = {}  # input packets' durations by time: the encoder guesses the last one's
+
+    def timed(packets: list[av.Packet]) -> list[av.Packet]:
+        for packet in packets:
+            duration = durations.get(packet.pts * packet.time_base) if packet.pts is not None else None
+            if duration:
+                packet.duration = round(duration / packet.time_base)
+        return packets
+
+    with open_video(path) as source, av.open(out, "w", format=container_format) as target:
+        video_out = _video_stream(target, info, log)
+        audio = {s.index: target.add_stream_from_template(s) for s in source.streams.audio}
+        t = 0
+        try:
+            for packet in source.demux(source.streams.video[0], *source.streams.audio):
+                if packet.stream.index in audio:
+                    if packet.dts is not None:  # the demuxer's empty flush packet
+                        packet.stream = audio[packet.stream.index]
+                        target.mux(packet)
+                    continue
+                if packet.pts is not None and packet.duration:
+                    durations[packet.pts * packet.time_base] = packet.duration * packet.time_base
+                for frame in packet.decode():
+                    target.mux(timed(video_out.encode(restored(frame, t))))
+                    t += 1
+                    if update:
+                        update(t, info.frames)
+            target.mux(timed(video_out.encode()))
+        except av.FFmpegError as e:
+            raise RefFaceError(f"cannot write the video ({container_format}): {e}") from None
+    return measures
+
+
+def _video_stream(target: av.container.OutputContainer, info: VideoInfo, log: Callable[[str], None]) -> Any:
+    """The output's video stream: the input's codec (or H.264 where PyAV has no encoder for it), size, time base,
+    rotation and bit rate."""
+    import av
+
+    try:
+        codec = av.Codec(info.codec, "w")
+    except av.FFmpegError:
+        codec = None
+    if codec is None or not codec.is_encoder:
+        log(f"no {info.codec} encoder in PyAV's FFmpeg: writing {FALLBACK_ENCODER}")
+        codec = av.Codec(FALLBACK_ENCODER, "w")
+    stream = target.add_stream(codec.name, rate=info.rate)
+    stream.width, stream.height = info.width, info.height
+    formats = [f.name for f in codec.video_formats or []]
+    stream.pix_fmt = info.pix_fmt if not formats or info.pix_fmt in formats else formats[0]
+    stream.time_base = info.time_base
+    stream.codec_context.time_base = info.time_base
+    if info.bit_rate:
+        stream.bit_rate = info.bit_rate
+    if info.rotation:
+        stream.set_display_rotation(info.rotation)
+    return stream
+
+
+def output_format(out: Path) -> str:
+    """The container for OUT's suffix."""
+    fmt = CONTAINERS.get(out.suffix.lower())
+    if fmt is None:
+        raise RefFaceError(f"unknown video extension {out.suffix!r} for {out}; use one of {' '.join(CONTAINERS)}")
+    return fmt
+
+
+def check_paths(video: Path, out: Path, overwrite: bool) -> None:
+    """Before any work: OUT is a new video file (or --overwrite) in an existing folder, and not the input."""
+    output_format(out)
+    if out.exists() and out.resolve() == video.resolve():
+        raise RefFaceError(f"--out {out} is the input video; write the result to another file")
+    if out.is_dir():
+        raise RefFaceError(f"{out} is a folder; give a file name for the video")
+    if out.exists() and not overwrite:
+        raise RefFaceError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if not out.parent.is_dir():
+        raise RefFaceError(f"output folder does not exist: {out.parent}")
+
+
+@dataclass
+class VideoResult:
+    info: VideoInfo
+    tracks: list[dict[str, Any]]  # every track found: its frames and whether it was restored
+    restored: list[int]  # the tracks restored
+    measures: dict[int, TrackMeasure]
+    seconds: dict[str, float]  # per pass
+
+    def to_json(self) -> dict[str, Any]:
+        frames = self.info.frames
+        return {
+            "video": self.info.to_json(),
+            "tracks": self.tracks,
+            "restored": {str(k): self.measures[k].to_json() for k in self.restored},
+            "seconds": {name: round(s, 2) for name, s in self.seconds.items()},
+            "frames_per_second": {name: round(frames / s, 2) if s > 0 else None for name, s in self.seconds.items()},
+        }
+
+
+def restore_video(
+    restorer: RefFaceRestorer,
+    analysis: FaceAnalysis,
+    video: Path,
+    out: Path,
+    identity: np.ndarray,
+    context: CompositeContext,
+    settings: dict[str, Any],
+    select: str | int = "matching",
+    threshold: float | None = None,
+    smooth: int = 9,
+    seed: int = 2024,
+    batch_size: int = 8,
+    tone: bool = True,
+    progress: Callable[[str], None] = print,
+    counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+    **sample_options: Any,
+) -> VideoResult:
+    """Restore the person's face through ``video`` into ``out`` (written whole or not at all), resumable through
+    OUT.parts/ for the same ``settings``, which is removed once OUT is written. ``select`` and ``threshold`` choose
+    the tracks as ``choose_tracks`` does."""
+    seconds = {}
+    info = probe(video)
+    progress(
+        f"video: {info.frames} frames, {info.width}×{info.height}, {info.codec}, {float(info.rate or 0):.3g} fps"
+        + (f", rotated {info.rotation}°" if info.rotation else "")
+        + (f", audio {', '.join(info.audio)}" if info.audio else "")
+    )
+    parts = Parts(out, {**settings, "smooth": smooth, "seed": seed, "select": select, "tone": tone})
+    saved = parts.load_plan()
+    began = time.monotonic()
+    if saved is None:
+        found = analyse(analysis, video, info, counter("analysing", "frame") if counter else None)
+        threshold = analysis.same_person_threshold if threshold is None else threshold
+        chosen = choose_tracks(found, identity, select, threshold, progress)
+        plan = {k: track_plan(found[k], smooth) for k in chosen}
+        tracks = [
+            {"track": k, "first": tr.frames[0], "last": tr.frames[-1], "detected": len(tr.frames),
+             "restored": k in chosen}
+            for k, tr in enumerate(found)
+        ]  # fmt: skip
+        parts.save_plan(plan, tracks)
+    else:
+        progress(f"resuming from {parts.folder}")
+        plan, tracks = saved
+        chosen = list(plan)
+    seconds["analyse"] = time.monotonic() - began
+    progress(f"restoring {sum(map(len, plan.values()))} face(s) in {len(plan)} track(s)")
+    began = time.monotonic()
+    restore_tracks(restorer, video, info, plan, context, parts, seed, batch_size, tone,
+                   counter("restoring", "frame") if counter else None, **sample_options)  # fmt: skip
+    seconds["restore"] = time.monotonic() - began
+    began = time.monotonic()
+    measures: dict[int, TrackMeasure] = {}
+
+    def write(tmp: str) -> None:
+        measures.update(encode_video(video, tmp, output_format(out), info, plan, parts, restorer.image_size,
+                                     analysis, identity, counter("encoding", "frame") if counter else None,
+                                     progress))  # fmt: skip
+
+    write_atomic(out, write)
+    seconds["encode"] = time.monotonic() - began
+    parts.remove()
+    return VideoResult(info, tracks, chosen, measures, seconds)
+
+
+def summary_lines(result: VideoResult) -> list[str]:
+    """The report: per restored track, its flicker next to the input's and its identity."""
+    lines = []
+    for k in result.restored:
+        m = result.measures[k].to_json()
+        flick, ident = m["flicker"], m["identity"]
+        lines.append(
+            f"track {k}: {m['frames']} frames restored; flicker {_show(flick['output'])} (input "
+            f"{_show(flick['input'])}, mean |Δ| between frames over the face, 0-255); identity {_show(ident['mean'])} "
+            f"(min {_show(ident['min'])}, input {_show(ident['input_mean'])})"
+        )
+    total = sum(result.seconds.values())
+    if total > 0:
+        lines.append(f"{result.info.frames} frames in {total:.1f} s ({result.info.frames / total:.2f} frames/s)")
+    return lines
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -1,0 +1,272 @@
+"""`refface video` on a short synthetic video: a real photo moved and zoomed over the frames, degraded, stored
+rotated and at irregular timestamps, with an AAC audio track. The tiny random restorer stands in for the model."""
+
+import argparse
+import json
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+from support import tiny_restorer
+
+from refface_core import RefFaceError
+from refface_core.cli import video as video_command
+from refface_core.faces import load_face_analysis
+from refface_core.faces.analysis import FaceAnalysis
+from refface_core.images import load_image
+from refface_core.video import flicker, smooth_landmarks
+
+DATA = Path(__file__).parent / "data" / "faces"
+FRAMES = 8
+SIZE = (176, 144)  # upright width, height
+PTS = [0, 80, 170, 250, 330, 420, 500, 580]  # ms: a variable frame rate
+SAMPLE_RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_restorer(seed=6).save_pretrained(folder)
+    return folder
+
+
+def face_path(t):
+    """Where the face is in frame ``t``: its centre drifts right and down while it grows by a quarter."""
+    return 70 + 3 * t, 66 + t, 1 + t / 36
+
+
+def synthetic_frames():
+    """The upright frames: macron_1's face, 24 px between the eyes at the start, moved and zoomed, then degraded
+    (downscaled ×2, blurred, JPEG 40), each frame with its own seeded JPEG noise as a scanned tape would have."""
+    photo = np.asarray(load_image(DATA / "macron_1.jpg"))
+    face = load_face_analysis().detect(photo)[0]
+    centre = face.landmarks.mean(0)
+    frames = []
+    for t in range(FRAMES):
+        x, y, zoom = face_path(t)
+        scale = 24 / face.size * zoom
+        affine = np.array([[scale, 0, x - scale * centre[0]], [0, scale, y - scale * centre[1]]])
+        frame = cv2.warpAffine(photo, affine, SIZE, flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT_101)
+        small = cv2.resize(frame, (SIZE[0] // 2, SIZE[1] // 2), interpolation=cv2.INTER_AREA)
+        frame = cv2.GaussianBlur(cv2.resize(small, SIZE, interpolation=cv2.INTER_CUBIC), (0, 0), 0.8)
+        _, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 40])
+        frames.append(cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED))
+    return frames
+
+
+def write_video(path, frames, rotation=90):
+    """H.264 in MP4, stored turned (a phone held sideways) with a display matrix that turns it upright, timestamps
+    in ms, and a mono AAC sine."""
+    k = rotation // 90
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=12)
+        video.height, video.width = np.rot90(frames[0], -k).shape[:2]
+        video.pix_fmt = "yuv420p"
+        video.codec_context.time_base = Fraction(1, 1000)
+        video.bit_rate = 400_000
+        video.set_display_rotation(rotation)
+        audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        for frame, pts in zip(frames, PTS, strict=False):
+            stored = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(frame, -k)), format="rgb24")
+            stored.pts, stored.time_base = pts, Fraction(1, 1000)
+            container.mux(video.encode(stored))
+        container.mux(video.encode())
+        seconds = np.arange(int(0.7 * SAMPLE_RATE)) / SAMPLE_RATE
+        samples = (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32)[None]
+        for start in range(0, samples.shape[1], 1024):
+            chunk = av.AudioFrame.from_ndarray(samples[:, start : start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = SAMPLE_RATE, start
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", synthetic_frames())
+
+
+def read(path):
+    """Upright frames with their timestamps (s), the video stream's properties and the audio packets."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames, times, rotations = [], [], set()
+        for frame in container.decode(stream):
+            rotations.add(frame.rotation)
+            frames.append(np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation // 90))
+            times.append(float(frame.pts * frame.time_base))
+        props = (stream.codec_context.name, stream.width, stream.height, stream.average_rate, rotations)
+    with av.open(str(path)) as container:
+        audio = container.streams.audio[0]
+        packets = [(p.pts, bytes(p)) for p in container.demux(audio) if p.dts is not None]
+        props += (audio.codec_context.name, audio.sample_rate)
+    return frames, times, props, packets
+
+
+def run_video(model_dir, clip, out, *extra):
+    parser = argparse.ArgumentParser()
+    video_command.add_to(parser.add_subparsers())
+    args = ["video", str(clip), "--ref", str(DATA / "macron_2.jpg"), "--out", str(out), "--model", str(model_dir)]
+    args = parser.parse_args([*args, "--steps", "2", "--dtype", "fp32", *extra])
+    return args.run(args)
+
+
+@pytest.fixture
+def jittery_detector(monkeypatch):
+    """Landmarks with ~1.5 px of noise, seeded by the frame's pixels, as a real detector's wobble on video: both runs
+    of the flicker test see the same noise."""
+    detect = FaceAnalysis.detect
+
+    def jittered(self, image):
+        faces = detect(self, image)
+        rng = np.random.default_rng(zlib.crc32(image.tobytes()))
+        for face in faces:
+            face.landmarks = face.landmarks + rng.normal(0, 1.5, 2)
+        return faces
+
+    monkeypatch.setattr(FaceAnalysis, "detect", jittered)
+
+
+@pytest.fixture(scope="module")
+def resumed(model_dir, clip, tmp_path_factory):
+    """A run stopped after 4 restored frames, then run again: the frames each run restored, and the output."""
+    from refface_core import RefFaceRestorer
+    from refface_core.video import Parts
+
+    out = tmp_path_factory.mktemp("resumed") / "out.mp4"
+    counts = []
+    restore_batch, save = RefFaceRestorer.restore_batch, Parts.save
+
+    def counted(self, faces, *args, **kwargs):
+        counts[-1] += len(faces)
+        return restore_batch(self, faces, *args, **kwargs)
+
+    def interrupted(self, track, frame, crop):
+        if counts[-1] > 4:
+            raise KeyboardInterrupt
+        save(self, track, frame, crop)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RefFaceRestorer, "restore_batch", counted)
+        patch.setattr(Parts, "save", interrupted)
+        counts.append(0)
+        with pytest.raises(KeyboardInterrupt):
+            run_video(model_dir, clip, out, "--batch-size", "4")
+        parts = sorted(p.name for p in (out.parent / "out.mp4.parts").glob("*.png"))
+        assert not out.exists()
+        patch.setattr(Parts, "save", save)
+        counts.append(0)
+        assert run_video(model_dir, clip, out, "--batch-size", "4") == 0
+    return counts, parts, out
+
+
+def test_resumes_from_the_restored_parts(resumed):
+    counts, parts, out = resumed
+    assert len(parts) == 4 and counts == [8, FRAMES - 4]  # the second batch was stopped; only it is restored again
+    assert out.exists() and not (out.parent / "out.mp4.parts").exists()
+
+
+def test_round_trip_keeps_timing_size_rotation_codec_and_audio(resumed, clip):
+    out = resumed[2]
+    before, times_in, props_in, audio_in = read(clip)
+    after, times_out, props_out, audio_out = read(out)
+    assert len(after) == len(before) == FRAMES
+    assert times_out == pytest.approx(times_in, abs=1e-6) == [p / 1000 for p in PTS]
+    assert props_out == props_in
+    assert props_out[1:3] == (SIZE[1], SIZE[0]) and props_out[4] == {90}  # stored turned, shown upright
+    assert audio_out == audio_in  # the same AAC packets, byte for byte
+    report = json.loads(out.with_name("out.mp4.json").read_text())
+    restored = report["restored"]["0"]
+    assert restored["frames"] == FRAMES and len(restored["per_frame"]) == FRAMES
+    assert restored["flicker"]["input"] > 0 and restored["flicker"]["output"] > 0
+    x, y, _ = face_path(0)
+    changed = np.abs(after[0].astype(int) - before[0]).mean(2)
+    assert changed[y - 5 : y + 5, x - 5 : x + 5].mean() > 5  # the face was restored
+    assert changed[:, -20:].mean() < 3  # away from it, only the re-encoding
+
+
+def face_flicker(frames):
+    """Mean |Δ| between consecutive frames over the face's true box (from the synthetic path), the same for every
+    run, so the runs compare on the same pixels."""
+    diffs = []
+    for t in range(1, FRAMES):
+        x, y, zoom = face_path(t)
+        half = round(14 * zoom)
+        region = np.zeros(frames[t].shape[:2], bool)
+        region[y - half : y + half, x - half : x + half] = True
+        diffs.append(flicker(frames[t - 1], frames[t], region))
+    return float(np.mean(diffs))
+
+
+def test_smoothed_landmarks_flicker_less_than_a_per_frame_restore(model_dir, clip, tmp_path, jittery_detector):
+    for smooth in (9, 1):
+        assert run_video(model_dir, clip, tmp_path / f"smooth{smooth}.mp4", "--smooth", str(smooth)) == 0
+    smoothed, per_frame = (read(tmp_path / f"smooth{s}.mp4")[0] for s in (9, 1))
+    source = read(clip)[0]
+    figures = {name: face_flicker(frames) for name, frames in [("input", source), ("smoothed", smoothed),
+                                                                ("per_frame", per_frame)]}  # fmt: skip
+    print(f"flicker over the face box: {figures}")
+    assert figures["smoothed"] < 0.9 * figures["per_frame"]
+    reported = {s: json.loads((tmp_path / f"smooth{s}.mp4.json").read_text())["restored"]["0"] for s in (9, 1)}
+    assert reported[9]["flicker"]["output"] < reported[1]["flicker"]["output"]
+
+
+def test_smoothing_keeps_steady_motion_and_removes_jitter():
+    t = np.arange(20.0)[:, None, None]
+    path = np.zeros((20, 5, 2)) + 3 * t + 0.1 * t**2  # accelerating: a quadratic passes the filter unchanged
+    noise = np.random.default_rng(0).normal(0, 1.5, path.shape)
+    assert np.allclose(smooth_landmarks(path, 9), path)
+    assert np.abs(smooth_landmarks(path + noise, 9) - path).std() < 0.6 * noise.std()
+    assert np.array_equal(smooth_landmarks(path[:2], 9), path[:2])  # too short to smooth
+
+
+def audio_only(folder):
+    with av.open(str(folder / "sound.mp4"), "w") as container:
+        audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return folder / "sound.mp4"
+
+
+def no_face(folder):
+    return write_video(folder / "wall.mp4", [np.full((SIZE[1], SIZE[0], 3), 128, np.uint8)] * 3, rotation=0)
+
+
+def text_file(folder):
+    (folder / "notes.mp4").write_text("not a video at all\n" * 50)
+    return folder / "notes.mp4"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda folder: folder / "missing.mp4", "video not found"),
+        (text_file, "not a readable video"),
+        (audio_only, "has no video stream"),
+        (no_face, "no face found in any frame"),
+    ],
+)
+def test_bad_input_is_one_clear_error(model_dir, tmp_path, make, message, capsys):
+    from refface_core import cli
+
+    args = ["video", str(make(tmp_path)), "--ref", str(DATA / "macron_2.jpg"), "--out", str(tmp_path / "o.mp4")]
+    assert cli.main([*args, "--model", str(model_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error, and no traceback
+    assert [line for line in err if "error" in line.lower()] == [err[-1]] and not any("Traceback" in x for x in err)
+    assert err[-1].startswith("refface: error:") and message in err[-1]
+
+
+def test_refuses_to_overwrite_and_the_input(model_dir, clip, tmp_path):
+    (tmp_path / "taken.mp4").write_bytes(b"x")
+    with pytest.raises(RefFaceError, match="exists; pass --overwrite"):
+        run_video(model_dir, clip, tmp_path / "taken.mp4")
+    with pytest.raises(RefFaceError, match="is the input video"):
+        run_video(model_dir, clip, clip, "--overwrite")
+    with pytest.raises(RefFaceError, match="unknown video extension"):
+        run_video(model_dir, clip, tmp_path / "out.gif")
