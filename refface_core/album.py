@@ -4,10 +4,13 @@ that person's own best photos as references.
 Faces are grouped in two passes, because a recogniser is only reliable on clear faces (DESIGN §5b):
 
 1. the *core*, faces large and sharp enough for their identity to be trusted, is clustered with scikit-learn's
-   agglomerative clustering (average linkage on cosine distance, two faces of one photo never merged);
+   agglomerative clustering (average linkage on cosine distance); a cluster holding two faces of one photo keeps
+   the one most like its faces from other photos, and the others are clustered again, so that a person has at
+   most one core face per photo;
 2. every other face joins the person whose core it is most like, only when that similarity reaches a low floor
-   and beats the next person's by a margin. Degraded same-person similarities of 0.1-0.4 are normal, so an
-   absolute threshold alone would leave the faces that most need restoring in no person.
+   and beats the next person's by a margin, and only when that person has no face in its photo yet. Degraded
+   same-person similarities of 0.1-0.4 are normal, so an absolute threshold alone would leave the faces that most
+   need restoring in no person.
 
 The thresholds were tuned with the bundled SFace on photos outside tests/data: insightface's t1.jpg (six people)
 and face_recognition 1.3.0's obama.jpg, obama2.jpg, obama3.jpg and biden.jpg, each also degraded (ReF-LDM's
@@ -33,8 +36,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .choices import ALBUM_KEEP_SHARP as KEEP_SHARP
+from .choices import ALBUM_MAX_REFERENCES as MAX_REFERENCES
 from .errors import RefFaceError, check_number, check_seeds
 from .faces import Face, FaceAnalysis, align_face, paste_back, scale_affine
+from .faces.matching import CHOICE_FLOOR as JOIN_FLOOR
+from .faces.matching import CHOICE_MARGIN as JOIN_MARGIN
 from .faces.matching import MIN_FACE_SIZE, UNSURE_DETECTION
 from .faces.references import MIN_REFERENCE_SIZE, rank_references, sharpness
 from .faces.tone import is_grayscale, match_tone
@@ -47,7 +54,7 @@ if TYPE_CHECKING:
 PEOPLE_JSON = "people.json"
 CONTACT_SHEET = "album.html"
 CACHE = ".refface-album"  # inside OUT: detections, restored faces and thumbnails, reused by reruns
-FORMAT = 1
+FORMAT = 1  # of people.json: a newer one is refused, as its edits might mean something this version ignores
 # Core faces: the detector is sure, the face has CORE_SIZE px between the eyes and its 112 px identity crop a
 # Laplacian variance of CORE_SHARPNESS. Tuned: sharp faces measured 144-1900 and small scans with 24 px between the
 # eyes 89-186 (their identity still held), blurred (severe) faces 2-21.
@@ -57,15 +64,10 @@ CORE_SHARPNESS = 80.0
 # photos, different people at most 0.30 on the tuning photos).
 CORE_SIMILARITY = 0.45
 # A degraded face joins the best person when its similarity to that person's core reaches JOIN_FLOOR and beats the
-# next person's by JOIN_MARGIN (with one person, beats 0 by it): faces.matching's face choice, measured on 768
-# degraded group photos. A looser 0.18 / 0.10 kept every degraded face of the tuning photos, but let a small scan
-# of a person with no sharp photo (0.26 to a stranger, 0.10 ahead of the next) join that stranger.
-JOIN_FLOOR = 0.20
-JOIN_MARGIN = 0.20
-# A face needs no restoring when its restorer-size (512 px) aligned crop has this Laplacian variance: sharp photos
-# measured 97-412 there, moderately degraded ones 38-52 and small or blurred ones under 12.
-KEEP_SHARP = 60.0
-MAX_REFERENCES = 5  # ReF-LDM's most
+# next person's by JOIN_MARGIN (with one person, beats 0 by it): faces.matching's CHOICE_FLOOR and CHOICE_MARGIN,
+# measured on 768 degraded group photos. A looser 0.18 / 0.10 kept every degraded face of the tuning photos, but let
+# a small scan of a person with no sharp photo (0.26 to a stranger, 0.10 ahead of the next) join that stranger.
+# KEEP_SHARP and MAX_REFERENCES (the CLI's defaults too) live in choices.py, importable without cv2.
 FRONTAL_WEIGHT = 0.05  # as much as size or sharpness weighs in rank_references
 THUMB = 96
 
@@ -139,6 +141,19 @@ def photo_files(folder: Path) -> list[Path]:
     return photos
 
 
+def check_out(photos_dir: Path, out: Path) -> None:
+    """``out`` must be a folder other than the photo folder (quick: the CLI checks it before the model loads)."""
+    if out.resolve() == photos_dir.resolve():
+        raise RefFaceError(f"--out {out} is the photo folder; give another folder (no photo there is overwritten)")
+    if path_kind(out) not in ("folder", "missing"):
+        raise RefFaceError(f"--out {out} is a file; give a folder")
+
+
+def check_restorer(restorer: RefFaceRestorer) -> None:
+    if restorer.context_encoder is not None:
+        raise RefFaceError("this model has Composite Context: refface album does not support it yet")
+
+
 def scan_photos(
     analysis: FaceAnalysis,
     photos: Sequence[Path],
@@ -183,25 +198,10 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def cluster_faces(faces: Sequence[AlbumFace]) -> tuple[list[list[int]], list[int]]:
-    """People (lists of indices into ``faces``, largest first) and the faces in none: the core clustered, then
-    every other face joined by ranking and margin (see ``join_faces``)."""
+    """People (lists of indices into ``faces``, largest first) and the faces in none: the core clustered (see
+    ``cluster_core``), then every other face joined by ranking and margin (see ``join_faces``)."""
     core = [i for i, f in enumerate(faces) if f.core]
-    if len(core) > 1:
-        from sklearn.cluster import AgglomerativeClustering
-
-        embeddings = np.stack([faces[i].embedding for i in core])
-        distance = np.clip(1 - embeddings @ embeddings.T, 0, 2)
-        photos = np.array([faces[i].photo for i in core])
-        distance[(photos[:, None] == photos[None, :]) & ~np.eye(len(core), dtype=bool)] = 2  # one photo, two people
-        labels = AgglomerativeClustering(
-            n_clusters=None, metric="precomputed", linkage="average", distance_threshold=1 - CORE_SIMILARITY
-        ).fit(distance).labels_  # fmt: skip
-    else:
-        labels = np.zeros(len(core), int)
-    groups: dict[int, list[int]] = {}
-    for i, label in zip(core, labels, strict=True):
-        groups.setdefault(int(label), []).append(i)
-    people = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    people = sorted(cluster_core(faces, core), key=lambda g: (-len(g), g[0]))
     rest = [i for i in range(len(faces)) if i not in set(core)]
     joined = join_faces(faces, people, rest)
     for i, person in joined.items():
@@ -209,12 +209,49 @@ def cluster_faces(faces: Sequence[AlbumFace]) -> tuple[list[list[int]], list[int
     return [sorted(p) for p in people], [i for i in rest if i not in joined]
 
 
+def cluster_core(faces: Sequence[AlbumFace], core: Sequence[int]) -> list[list[int]]:
+    """The core faces (indices into ``faces``) grouped into people with average linkage on cosine distance, merging
+    while the average similarity reaches CORE_SIMILARITY. Two faces of one photo are never one person: their
+    distance is set to the largest, and as average linkage can still merge them, a group holding two faces of one
+    photo keeps the one most like the group's faces from other photos; the others are grouped again."""
+    if len(core) < 2:
+        return [list(core)] if core else []
+    from sklearn.cluster import AgglomerativeClustering
+
+    embeddings = np.stack([faces[i].embedding for i in core])
+    similarity = embeddings @ embeddings.T
+    photos = np.array([faces[i].photo for i in core])
+    same_photo = photos[:, None] == photos[None, :]
+    distance = np.clip(1 - similarity, 0, 2)
+    distance[same_photo & ~np.eye(len(core), dtype=bool)] = 2
+    labels = AgglomerativeClustering(
+        n_clusters=None, metric="precomputed", linkage="average", distance_threshold=1 - CORE_SIMILARITY
+    ).fit(distance).labels_  # fmt: skip
+    groups: list[list[int]] = []
+    for label in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == label)
+        keep, spill = [], []
+        for photo in dict.fromkeys(photos[members].tolist()):
+            here = members[photos[members] == photo]
+            others = members[photos[members] != photo]
+            agreement = similarity[np.ix_(here, others)].mean(1) if len(others) else np.zeros(len(here))
+            best = int(here[int(np.argmax(agreement))])  # ties: the first, the photo's largest face
+            keep.append(best)
+            spill += [int(m) for m in here if m != best]
+        groups.append([core[m] for m in sorted(keep)])
+        if spill:
+            groups += cluster_core(faces, [core[m] for m in sorted(spill)])
+    return groups
+
+
 def join_faces(
     faces: Sequence[AlbumFace], people: Sequence[Sequence[int]], candidates: Sequence[int]
 ) -> dict[int, int]:
     """Which person each candidate face joins (face index -> person index): the most similar person's core, when
-    that similarity reaches JOIN_FLOOR and beats the runner-up by JOIN_MARGIN. A person appears once per photo:
-    faces compete for a person in their photo in order of similarity, and the core's own faces come first."""
+    that similarity reaches JOIN_FLOOR and beats the runner-up by JOIN_MARGIN, both over all people. A person
+    appears once per photo: when the best person already has a face in the candidate's photo (a core face, or a
+    more similar candidate, as candidates go in order of similarity), the candidate stays in no person rather than
+    fall back on the runner-up, which would give a stranger someone else's references."""
     if not people or not candidates:
         return {}
     centroids = np.stack([_centroid(faces, person) for person in people])
@@ -222,13 +259,10 @@ def join_faces(
     similarity = {i: centroids @ faces[i].embedding for i in candidates if faces[i].face.size >= MIN_FACE_SIZE}
     joined: dict[int, int] = {}
     for i in sorted(similarity, key=lambda i: -float(similarity[i].max())):
-        free = [p for p in range(len(people)) if (faces[i].photo, p) not in taken]
-        ranked = sorted(free, key=lambda p: -float(similarity[i][p]))
-        if not ranked:
-            continue
+        ranked = sorted(range(len(people)), key=lambda p: -float(similarity[i][p]))
         best = float(similarity[i][ranked[0]])
         runner_up = max(float(similarity[i][ranked[1]]) if len(ranked) > 1 else 0.0, 0.0)
-        if best >= JOIN_FLOOR and best - runner_up >= JOIN_MARGIN:
+        if best >= JOIN_FLOOR and best - runner_up >= JOIN_MARGIN and (faces[i].photo, ranked[0]) not in taken:
             joined[i] = ranked[0]
             taken.add((faces[i].photo, ranked[0]))
     return joined
@@ -286,10 +320,8 @@ def build_album(
     (done, total) progress callback."""
     settings.check()
     photos = photo_files(photos_dir)
-    if out.resolve() == photos_dir.resolve():
-        raise RefFaceError(f"--out {out} is the photo folder; give another folder (nothing is overwritten)")
-    if path_kind(out) not in ("folder", "missing"):
-        raise RefFaceError(f"--out {out} is a file; give a folder")
+    check_out(photos_dir, out)
+    check_restorer(restorer)
     out.mkdir(parents=True, exist_ok=True)
     count = counter or (lambda what, unit: lambda done, total: None)
     cache = out / CACHE
@@ -321,9 +353,15 @@ def _people(found: dict[str, AlbumFace], previous: dict | None, log: Callable[[s
     if previous is None:
         groups, _ = cluster_faces(faces)
         return [Person(f"person_{n + 1}", [ids[i] for i in group]) for n, group in enumerate(groups)]
+    named = [*previous.get("unmatched", [])]
+    for entry in previous["people"]:
+        named += [*entry["faces"], *entry.get("exclude_references", [])]
+    unknown = [face_id for face_id in dict.fromkeys(named) if face_id not in found]
+    if unknown:
+        log(f"{PEOPLE_JSON} names face(s) in none of the photos, ignored: {', '.join(unknown)}")
     people = []
-    for entry in previous.get("people", []):
-        members = [face_id for face_id in entry.get("faces", []) if face_id in found]
+    for entry in previous["people"]:
+        members = [face_id for face_id in entry["faces"] if face_id in found]
         if members:
             people.append(Person(str(entry["id"]), members, [str(x) for x in entry.get("exclude_references", [])]))
     known = {face_id for person in people for face_id in person.faces} | set(previous.get("unmatched", []))
@@ -457,13 +495,32 @@ def _read_people(path: Path) -> dict | None:
         raise RefFaceError(f"cannot read {path} ({e}); fix it, or move it away to group the faces afresh") from None
     if not isinstance(data, dict) or not isinstance(data.get("people"), list):
         raise RefFaceError(f"{path} is not an album's {PEOPLE_JSON} (no 'people' list); move it away to start afresh")
+    version = data.get("format", FORMAT)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT:
+        raise RefFaceError(f"{path} has format {version!r}, newer than this RefFace reads ({FORMAT}); upgrade RefFace, "
+                           "or move it away to group the faces afresh")  # fmt: skip
     for entry in data["people"]:
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("faces"), list):
             raise RefFaceError(f"{path}: each person needs an 'id' and a 'faces' list, got {str(entry)[:80]}")
+        lists = [entry["faces"], entry.get("exclude_references", [])]
+        if not isinstance(lists[1], list) or not all(isinstance(x, str) for x in lists[0] + lists[1]):
+            raise RefFaceError(f"{path}: person {entry['id']}'s 'faces' and 'exclude_references' must be lists of "
+                               f"face ids (text), got {str(entry)[:80]}")  # fmt: skip
+    unmatched = data.get("unmatched", [])
+    if not isinstance(unmatched, list) or not all(isinstance(x, str) for x in unmatched):
+        raise RefFaceError(f"{path}: 'unmatched' must be a list of face ids (text)")
     ids = [str(entry["id"]) for entry in data["people"]]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
         raise RefFaceError(f"{path}: person ids must differ; repeated: {', '.join(twice)}")
+    owners: dict[str, list[str]] = {}
+    for entry in data["people"]:
+        for face_id in entry["faces"]:
+            owners.setdefault(face_id, []).append(str(entry["id"]))
+    for face_id, names in owners.items():
+        if len(names) > 1:
+            raise RefFaceError(f"{path}: face {face_id} is under more than one person ({', '.join(names)}); "
+                               "leave it in one 'faces' list")  # fmt: skip
     return data
 
 

@@ -59,6 +59,7 @@ FALLBACK_ENCODER = "libx264"  # where the input's codec has no encoder in PyAV's
 MIN_IOU = 0.3
 MAX_GAP = 5
 POLY_ORDER = 2  # Savitzky-Golay: quadratic over the window, so steady motion and zoom pass, jitter does not
+COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
 TRACK_WORDING = Wording("--track N, tracks listed longest first", "--all-tracks", "an aligned video is not supported")
 
 
@@ -69,42 +70,80 @@ class VideoInfo:
     frames: int
     width: int  # as stored, before rotation
     height: int
-    rate: Fraction | None  # the stream's base frame rate (FFmpeg's r_frame_rate); timestamps say the rest
+    rate: Fraction | None  # the stream's average frame rate (the encoder's rate control); timestamps say the rest
     time_base: Fraction
     rotation: int  # counter-clockwise degrees to display it upright (a multiple of 90)
     codec: str
     pix_fmt: str
     bit_rate: int | None
     audio: list[str]  # codecs of the audio streams, copied unchanged
+    color: dict[str, int] = field(default_factory=dict)  # colour tags: primaries, trc, colorspace, range (FFmpeg's)
+    sample_aspect_ratio: Fraction | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "frames": self.frames, "width": self.width, "height": self.height,
             "rate": str(self.rate) if self.rate else None, "rotation": self.rotation, "codec": self.codec,
-            "bit_rate": self.bit_rate, "audio": self.audio,
+            "bit_rate": self.bit_rate, "audio": self.audio, "color": self.color,
+            "sample_aspect_ratio": str(self.sample_aspect_ratio) if self.sample_aspect_ratio else None,
         }  # fmt: skip
 
 
 @dataclass
 class Track:
-    """One face followed across frames. ``landmarks`` holds every frame of its span, missed ones interpolated."""
+    """One face followed across frames. ``landmarks`` holds every frame of each of its segments (the runs of
+    detections whose boxes overlap from one to the next), missed ones interpolated."""
 
     frames: list[int] = field(default_factory=list)  # frames where it was detected
     faces: list[Face] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
     usable: list[bool] = field(default_factory=list)  # big and sharp enough for its identity to be trusted
+    _sum: np.ndarray | None = field(default=None, repr=False)  # the embeddings' running sum
+
+    def __post_init__(self) -> None:
+        if self.embeddings and self._sum is None:
+            self._sum = np.sum(self.embeddings, axis=0, dtype=np.float64)
+
+    def add(self, frame: int, face: Face, embedding: np.ndarray, usable: bool) -> None:
+        self.frames.append(frame)
+        self.faces.append(face)
+        self.embeddings.append(embedding)
+        self.usable.append(usable)
+        self._sum = embedding.astype(np.float64) if self._sum is None else self._sum + embedding
 
     def identity(self) -> np.ndarray:
         """The mean of its embeddings, normalised: a track's many degraded frames say more than one frame does."""
-        mean = np.mean(self.embeddings, axis=0)
-        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+        total = self._sum if self._sum is not None else np.sum(self.embeddings, axis=0, dtype=np.float64)
+        return (total / max(float(np.linalg.norm(total)), 1e-12)).astype(np.float32)
 
-    def landmarks(self) -> dict[int, np.ndarray]:
-        """Landmarks for every frame from its first to its last detection, gaps interpolated linearly."""
-        points = np.stack([face.landmarks for face in self.faces]).reshape(len(self.faces), -1)
-        span = np.arange(self.frames[0], self.frames[-1] + 1)
-        filled = np.stack([np.interp(span, self.frames, points[:, k]) for k in range(points.shape[1])], axis=1)
-        return {int(t): row.reshape(5, 2) for t, row in zip(span, filled, strict=True)}
+    def segments(self) -> list[list[int]]:
+        """Indices into ``frames``, split wherever two consecutive detections do not overlap (box IoU under MIN_IOU):
+        a detection joined on identity alone, across a scene cut, starts a new segment."""
+        return split_segments(self.faces)
+
+    def landmarks(self) -> list[dict[int, np.ndarray]]:
+        """Per segment, landmarks for every frame from its first to its last detection, gaps interpolated linearly;
+        the frames between segments have none."""
+        filled_segments = []
+        for indices in self.segments():
+            frames = [self.frames[i] for i in indices]
+            points = np.stack([self.faces[i].landmarks for i in indices]).reshape(len(indices), -1)
+            span = np.arange(frames[0], frames[-1] + 1)
+            filled = np.stack([np.interp(span, frames, points[:, k]) for k in range(points.shape[1])], axis=1)
+            filled_segments.append({int(t): row.reshape(5, 2) for t, row in zip(span, filled, strict=True)})
+        return filled_segments
+
+
+def split_segments(faces: list[Face]) -> list[list[int]]:
+    """Indices of ``faces`` (one track's detections, in frame order) in runs whose consecutive boxes overlap by
+    MIN_IOU."""
+    runs: list[list[int]] = []
+    for i, face in enumerate(faces):
+        if runs and box_iou(faces[i - 1].bbox, face.bbox) >= MIN_IOU:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def open_video(path: Path) -> av.container.InputContainer:
@@ -138,9 +177,13 @@ def probe(path: Path) -> VideoInfo:
         if not bit_rate and container.duration:  # the whole file's rate, less its audio
             audio = sum(s.bit_rate or 0 for s in container.streams.audio)
             bit_rate = max(int(path.stat().st_size * 8 / (container.duration / 1e6)) - audio, 0) or None
+        color = {name: int(getattr(codec, name) or 0) for name in COLOR_TAGS}
+        for name in COLOR_TAGS:  # the first frame says where the container does not
+            color[name] = color[name] or int(getattr(first, name, 0) or 0)
         return VideoInfo(
-            frames, codec.width, codec.height, stream.base_rate or stream.average_rate, stream.time_base, rotation,
+            frames, codec.width, codec.height, stream.average_rate or stream.base_rate, stream.time_base, rotation,
             codec.name, codec.pix_fmt or "yuv420p", bit_rate, [s.codec_context.name for s in container.streams.audio],
+            {name: value for name, value in color.items() if value}, codec.sample_aspect_ratio or None,
         )  # fmt: skip
 
 
@@ -154,8 +197,37 @@ def _decode(container: av.container.InputContainer, path: Path) -> Iterator[av.V
 
 
 def upright(frame: av.VideoFrame, rotation: int) -> np.ndarray:
-    """The frame as RGB, turned as a player shows it, so the faces stand up for the detector."""
-    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), rotation // 90))
+    """The frame as RGB (by its own colorspace and range), turned as a player shows it, so the faces stand up for
+    the detector."""
+    rgb = frame.to_ndarray(
+        format="rgb24", src_colorspace=frame.colorspace, src_color_range=frame.color_range, interpolation=_exact()
+    )
+    return np.ascontiguousarray(np.rot90(rgb, rotation // 90))
+
+
+def _exact() -> Any:
+    """swscale's accurate rounding: without it, RGB -> YUV -> RGB drifts by a level or two."""
+    from av.video.reformatter import Interpolation
+
+    return Interpolation.BILINEAR | Interpolation.ACCURATE_RND
+
+
+def to_frame(image: np.ndarray, like: av.VideoFrame, rotation: int) -> av.VideoFrame:
+    """Upright RGB ``image`` as a frame of ``like``'s kind: turned back, in its pixel format, colorspace and range
+    (the inverse of ``upright``), at its timestamp, so a restored frame's colours match the untouched frames'."""
+    import av
+
+    stored = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(image, -(rotation // 90))), "rgb24")
+    made = stored.reformat(
+        format=like.format.name, src_colorspace=like.colorspace, dst_colorspace=like.colorspace,
+        src_color_range="JPEG", dst_color_range=like.color_range, interpolation=_exact(),
+    )  # fmt: skip
+    for name in COLOR_TAGS:
+        setattr(made, name, getattr(like, name))
+    made.pts = like.pts
+    if like.time_base is not None:
+        made.time_base = like.time_base
+    return made
 
 
 def frames_of(path: Path, rotation: int) -> Iterator[np.ndarray]:
@@ -198,10 +270,7 @@ def link_tracks(detections: list[tuple[list[Face], np.ndarray, list[bool]]], thr
             if k not in taken_tracks and i not in taken_faces:
                 taken_tracks.add(k)
                 taken_faces.add(i)
-                tracks[k].frames.append(t)
-                tracks[k].faces.append(faces[i])
-                tracks[k].embeddings.append(embeddings[i])
-                tracks[k].usable.append(usable[i])
+                tracks[k].add(t, faces[i], embeddings[i], usable[i])
         for i in range(len(faces)):
             if i not in taken_faces:
                 tracks.append(Track([t], [faces[i]], [embeddings[i]], [usable[i]]))
@@ -219,6 +288,9 @@ def choose_tracks(
     mean identity over all its frames; the report says "track" where that rule says "face"."""
     if not tracks:
         raise RefFaceError("no face found in any frame of the video")
+    if isinstance(select, int) and not 0 <= select < len(tracks):
+        count = f"{len(tracks)} track{'s' if len(tracks) != 1 else ''}"
+        raise RefFaceError(f"track {select} does not exist: the video has {count} (0..{len(tracks) - 1})")
     biggest = [max(track.faces, key=lambda f: f.size) for track in tracks]
     similarity = face_similarity(np.stack([track.identity() for track in tracks]), identity)
     usable = np.array([any(track.usable) for track in tracks])
@@ -234,21 +306,64 @@ def choose_tracks(
 
 
 def smooth_landmarks(landmarks: np.ndarray, window: int) -> np.ndarray:
-    """Landmarks [T, 5, 2] smoothed over time with a Savitzky-Golay filter of ``window`` frames (odd; shortened to
-    the track's length), which removes the detector's frame-to-frame jitter but keeps steady motion and zoom."""
-    window = min(window, len(landmarks) - (len(landmarks) % 2 == 0))
-    if window <= POLY_ORDER:
+    """Landmarks [T, 5, 2] smoothed over time with a Savitzky-Golay filter of ``window`` frames (an even one taken
+    down to odd; shortened to the segment's length), which removes the detector's frame-to-frame jitter but keeps
+    steady motion and zoom: quadratic from 5 frames, a straight line (a moving mean) over 3, off at 1."""
+    window = min(window, len(landmarks))
+    window -= window % 2 == 0
+    if window < 3:
         return landmarks
     from scipy.signal import savgol_filter
 
-    return savgol_filter(landmarks, window, POLY_ORDER, axis=0, mode="interp")
+    return savgol_filter(landmarks, window, min(POLY_ORDER, window - 2), axis=0, mode="interp")
 
 
 def track_plan(track: Track, window: int) -> dict[int, np.ndarray]:
-    """Frame -> the smoothed landmarks to align that frame's face with."""
-    filled = track.landmarks()
-    smoothed = smooth_landmarks(np.stack(list(filled.values())), window)
-    return dict(zip(filled, smoothed, strict=True))
+    """Frame -> the smoothed landmarks to align that frame's face with; each segment of the track filled and
+    smoothed on its own, so neither reaches across a cut."""
+    plan = {}
+    for filled in track.landmarks():
+        smoothed = smooth_landmarks(np.stack(list(filled.values())), window)
+        plan.update(zip(filled, smoothed, strict=True))
+    return plan
+
+
+def _digest(*arrays: Any) -> str:
+    """A digest of arrays' (or tensors') values, shapes and dtypes."""
+    h = hashlib.sha256()
+    for array in arrays:
+        if hasattr(array, "detach"):  # a torch tensor: its values on the CPU
+            array = array.detach().cpu()
+            h.update(str(array.dtype).encode())
+            array = array.float().numpy()
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def resume_settings(
+    restorer: RefFaceRestorer,
+    analysis: FaceAnalysis,
+    video: Path,
+    identity: np.ndarray,
+    context: CompositeContext,
+    **choices: Any,
+) -> dict[str, Any]:
+    """What OUT.parts/ is keyed on, from what ``restore_video`` is given: the video file (path, size, time), the
+    references by content (their embeddings and the model's context made from them), the model's dtype and crop
+    size, the face models, and the choices (sampling, seed, smoothing, tracks, tone, threshold)."""
+    stat = video.stat()
+    tensors = [t for t in (context.latents, context.tokens) if t is not None]
+    return {
+        "input": [str(video.resolve()), stat.st_size, stat.st_mtime_ns],
+        "identity": _digest(identity),
+        "context": _digest(*tensors),
+        "dtype": str(restorer.dtype),
+        "image_size": restorer.image_size,
+        "face_analysis": getattr(analysis, "name", type(analysis).__name__),
+        **choices,
+    }
 
 
 class Parts:
@@ -260,12 +375,21 @@ class Parts:
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
     def load_plan(self) -> tuple[dict[int, dict[int, np.ndarray]], list[dict[str, Any]]] | None:
-        """The plan and track list of an earlier run with the same settings, or None (and an empty folder)."""
+        """The plan and track list of an earlier run with the same settings, or None (and no folder). A folder that
+        RefFace did not make (no plan.json in it, and not empty) is refused, not removed."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RefFaceError(f"{self.folder} exists and is not a folder; move it away, or choose another --out")
+        if not self.folder.exists():
+            return None
+        if not (self.folder / "plan.json").is_file() and any(self.folder.iterdir()):
+            raise RefFaceError(
+                f"{self.folder} exists and is not RefFace's (no plan.json); move it away, or choose another --out"
+            )
         try:
             saved = json.loads((self.folder / "plan.json").read_text())
         except (OSError, ValueError):
             saved = None
-        if saved is None or saved.get("key") != self.key:
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
             shutil.rmtree(self.folder, ignore_errors=True)
             return None
         plan = {
@@ -320,7 +444,8 @@ def restore_tracks(
     todo = {k: {t for t in frames if not parts.path(k, t).exists()} for k, frames in plan.items()}
     total = sum(len(frames) for frames in plan.values())
     done = total - sum(len(frames) for frames in todo.values())
-    gray: dict[int, bool | None] = {}  # decided once per track, on its first crop: a face does not flip to colour
+    gray: dict[int, bool | None] = {}  # decided once per track, on its first frame: a face does not flip to colour
+    first = {k: min(frames) for k, frames in plan.items() if frames}  # the same frame however far a run got
     pending: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in plan}
 
     def flush(k: int) -> None:
@@ -340,9 +465,10 @@ def restore_tracks(
         return 0
     for t, image in enumerate(frames_of(path, info.rotation)):
         for k, frames in todo.items():
-            if t in frames:
+            if t == first.get(k) or t in frames:
                 crop, _ = align_face(image, plan[k][t], restorer.image_size)
                 gray.setdefault(k, tone and is_grayscale(crop))
+            if t in frames:
                 pending[k].append((t, crop))
                 if len(pending[k]) == batch_size:
                     flush(k)
@@ -431,15 +557,13 @@ def encode_video(
             face = [Face(np.r_[landmarks.min(0), landmarks.max(0)], landmarks, 1.0)]
             measure.identity[t] = float(analysis.embed(after, face)[0] @ person)
             measure.identity_in[t] = float(analysis.embed(before, face)[0] @ person)
-        made = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(after, -(info.rotation // 90))), "rgb24")
-        made.pts, made.time_base = frame.pts, frame.time_base
-        return made
+        return to_frame(after, frame, info.rotation)
 
     durations: dict[Fraction, Fraction] = {}  # input packets' durations by time: the encoder guesses the last one's
 
     def timed(packets: list[av.Packet]) -> list[av.Packet]:
         for packet in packets:
-            duration = durations.get(packet.pts * packet.time_base) if packet.pts is not None else None
+            duration = durations.pop(packet.pts * packet.time_base, None) if packet.pts is not None else None
             if duration:
                 packet.duration = round(duration / packet.time_base)
         return packets
@@ -451,7 +575,7 @@ def encode_video(
         try:
             for packet in source.demux(source.streams.video[0], *source.streams.audio):
                 if packet.stream.index in audio:
-                    if packet.dts is not None:  # the demuxer's empty flush packet
+                    if packet.size:  # not the demuxer's empty flush packet
                         packet.stream = audio[packet.stream.index]
                         target.mux(packet)
                     continue
@@ -470,7 +594,7 @@ def encode_video(
 
 def _video_stream(target: av.container.OutputContainer, info: VideoInfo, log: Callable[[str], None]) -> Any:
     """The output's video stream: the input's codec (or H.264 where PyAV has no encoder for it), size, time base,
-    rotation and bit rate."""
+    rotation, bit rate, colour tags and sample aspect ratio."""
     import av
 
     try:
@@ -488,9 +612,18 @@ def _video_stream(target: av.container.OutputContainer, info: VideoInfo, log: Ca
     stream.codec_context.time_base = info.time_base
     if info.bit_rate:
         stream.bit_rate = info.bit_rate
+    for name, value in info.color.items():  # tagged as the input, so players show the same colours
+        setattr(stream.codec_context, name, value)
+    if info.sample_aspect_ratio:
+        stream.codec_context.sample_aspect_ratio = info.sample_aspect_ratio
     if info.rotation:
         stream.set_display_rotation(info.rotation)
     return stream
+
+
+def report_path(out: Path) -> Path:
+    """OUT.json, where the run's report goes."""
+    return out.with_name(out.name + ".json")
 
 
 def output_format(out: Path) -> str:
@@ -510,6 +643,9 @@ def check_paths(video: Path, out: Path, overwrite: bool) -> None:
         raise RefFaceError(f"{out} is a folder; give a file name for the video")
     if out.exists() and not overwrite:
         raise RefFaceError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    report = report_path(out)
+    if report.exists() and not overwrite:
+        raise RefFaceError(f"{report} (the report) exists; pass --overwrite to replace it, or choose another --out")
     if not out.parent.is_dir():
         raise RefFaceError(f"output folder does not exist: {out.parent}")
 
@@ -540,7 +676,7 @@ def restore_video(
     out: Path,
     identity: np.ndarray,
     context: CompositeContext,
-    settings: dict[str, Any],
+    settings: dict[str, Any] | None = None,
     select: str | int = "matching",
     threshold: float | None = None,
     smooth: int = 9,
@@ -552,8 +688,10 @@ def restore_video(
     **sample_options: Any,
 ) -> VideoResult:
     """Restore the person's face through ``video`` into ``out`` (written whole or not at all), resumable through
-    OUT.parts/ for the same ``settings``, which is removed once OUT is written. ``select`` and ``threshold`` choose
-    the tracks as ``choose_tracks`` does."""
+    OUT.parts/, which is removed once OUT is written. A rerun resumes only with the same inputs and choices
+    (``resume_settings``) and the same ``settings``, which should name what this function cannot see: the model's
+    weights (e.g. ``{"model": album.model_id(folder)}``). ``select`` and ``threshold`` choose the tracks as
+    ``choose_tracks`` does."""
     seconds = {}
     info = probe(video)
     progress(
@@ -561,7 +699,9 @@ def restore_video(
         + (f", rotated {info.rotation}°" if info.rotation else "")
         + (f", audio {', '.join(info.audio)}" if info.audio else "")
     )
-    parts = Parts(out, {**settings, "smooth": smooth, "seed": seed, "select": select, "tone": tone})
+    key = resume_settings(restorer, analysis, video, identity, context, smooth=smooth, seed=seed, select=select,
+                          tone=tone, threshold=threshold, sampling=sample_options)  # fmt: skip
+    parts = Parts(out, {**(settings or {}), **key})
     saved = parts.load_plan()
     began = time.monotonic()
     if saved is None:

@@ -10,13 +10,25 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from support import tiny_restorer
+from support import tiny_context_config, tiny_restorer
 
 from refface_core import RefFaceRestorer
-from refface_core.album import CACHE, PEOPLE_JSON, AlbumSettings, build_album, model_id
+from refface_core.album import (
+    CACHE,
+    FORMAT,
+    PEOPLE_JSON,
+    AlbumFace,
+    AlbumSettings,
+    build_album,
+    cluster_core,
+    cluster_faces,
+    join_faces,
+    model_id,
+    scan_photos,
+)
 from refface_core.cli import album as album_cli
 from refface_core.errors import RefFaceError
-from refface_core.faces import load_face_analysis
+from refface_core.faces import Face, load_face_analysis
 from refface_core.training.degradations import PRESETS, degrade
 
 FACES = Path(__file__).parent / "data" / "faces"
@@ -174,6 +186,105 @@ def test_a_broken_people_json_is_one_clear_error(album_dir, model_dir, tmp_path,
         build(album_dir, model_dir, out)
 
 
+def test_people_json_a_face_under_two_people_is_one_clear_error(built, album_dir, model_dir, tmp_path):
+    out = Path(shutil.copytree(built[1], tmp_path / "out"))
+    edited = json.loads((out / PEOPLE_JSON).read_text())
+    person_of(edited, "obama.jpg#0")["faces"].append("ardern_1.jpg#0")  # also still under Ardern's person
+    (out / PEOPLE_JSON).write_text(json.dumps(edited))
+    with pytest.raises(RefFaceError, match=r"face ardern_1\.jpg#0 is under more than one person"):
+        build(album_dir, model_dir, out)
+
+
+def test_people_json_an_unknown_face_id_is_one_log_line(built, album_dir, model_dir, tmp_path):
+    out = Path(shutil.copytree(built[1], tmp_path / "out"))
+    edited = json.loads((out / PEOPLE_JSON).read_text())
+    person_of(edited, "obama.jpg#0")["faces"].append("obama.jpg#7")  # a typo: the photo has one face
+    person_of(edited, "ardern_1.jpg#0")["exclude_references"] = ["gone.jpg#0"]
+    (out / PEOPLE_JSON).write_text(json.dumps(edited))
+    lines: list[str] = []
+    build(album_dir, model_dir, out, lines)
+    named = [line for line in lines if "obama.jpg#7" in line or "gone.jpg#0" in line]
+    assert len(named) == 1 and "obama.jpg#7" in named[0] and "gone.jpg#0" in named[0], lines
+    assert "obama.jpg#7" not in json.dumps(json.loads((out / PEOPLE_JSON).read_text())["people"])
+
+
+def test_people_json_of_a_newer_format_is_refused(album_dir, model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PEOPLE_JSON).write_text(json.dumps({"format": FORMAT + 1, "people": []}))
+    with pytest.raises(RefFaceError, match="newer than this RefFace reads"):
+        build(album_dir, model_dir, out)
+
+
+def synthetic_face(face_id: str, embedding, sharp: bool = True) -> AlbumFace:
+    """A frontal face 40 px between the eyes, sure and (unless ``sharp`` is False) clear enough for the core."""
+    landmarks = np.array([[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]], float)
+    face = Face(np.array([0, 0, 100, 100], float), landmarks, 0.99)
+    embedding = np.asarray(embedding, float) / np.linalg.norm(embedding)
+    return AlbumFace(face_id, face_id.split("#")[0], face, embedding, 500.0 if sharp else 5.0, 10.0)
+
+
+def mixed(similarities: dict[int, float], dims: int = 8) -> np.ndarray:
+    """A unit vector with the given cosine similarities to basis vectors; the rest in the last dimension."""
+    v = np.zeros(dims)
+    for axis, value in similarities.items():
+        v[axis] = value
+    v[-1] = np.sqrt(1 - float(v @ v))
+    return v
+
+
+def test_a_stranger_next_to_a_person_never_takes_the_runner_up():
+    faces = [
+        synthetic_face("group.jpg#0", mixed({0: 1.0})),  # Obama, clear
+        synthetic_face("biden.jpg#0", mixed({1: 1.0})),  # Biden, clear, in another photo
+        synthetic_face("group.jpg#1", mixed({0: 0.35, 1: 0.22}), sharp=False),  # a stranger beside Obama
+        synthetic_face("group2.jpg#1", mixed({0: 0.60, 1: 0.10}), sharp=False),  # like Obama, beside him again
+        synthetic_face("group2.jpg#0", mixed({0: 1.0})),
+        synthetic_face("old.jpg#0", mixed({0: 0.60, 1: 0.10}), sharp=False),  # the same, alone in its photo
+    ]
+    people = [[0, 4], [1]]
+    assert join_faces(faces, people, [2, 3, 5]) == {5: 0}  # only the face whose best person is free joins
+    groups, unmatched = cluster_faces(faces)
+    assert sorted(groups) == [[0, 4, 5], [1]] and unmatched == [2, 3]
+
+
+def test_two_faces_of_one_photo_are_never_one_person():
+    # six clear photos of one person, and a photo of two people both like them: average linkage merges all eight.
+    faces = [synthetic_face(f"x{n}.jpg#0", mixed({0: 0.97, 1 + n: 0.2})) for n in range(6)]
+    faces.append(synthetic_face("pair.jpg#0", mixed({0: 0.95})))
+    faces.append(synthetic_face("pair.jpg#1", mixed({0: 0.80})))  # another person
+    groups = cluster_core(faces, list(range(len(faces))))
+    assert sorted(groups) == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    for group in groups:
+        photos = [faces[i].photo for i in group]
+        assert len(photos) == len(set(photos))
+
+
+def side_by_side(*images: np.ndarray) -> np.ndarray:
+    height = max(image.shape[0] for image in images)
+    padded = [np.pad(image, ((0, height - image.shape[0]), (0, 0), (0, 0)), constant_values=128) for image in images]
+    return np.concatenate(padded, axis=1)
+
+
+def test_a_photo_of_two_people_gives_two_people(tmp_path):
+    """Obama and Macron in one photo, each also alone in another: two people, one face of the pair in each."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pair = side_by_side(*(np.asarray(Image.open(FACES / n).convert("RGB")) for n in ("obama.jpg", "macron_2.jpg")))
+    Image.fromarray(pair).save(folder / "pair.png")
+    shutil.copy(FACES / "macron_1.jpg", folder / "macron_1.jpg")
+    Image.fromarray(small_scan("obama.jpg", 16, 40)).save(folder / "obama_old.png")
+    photos = sorted(folder.iterdir())
+    found = scan_photos(load_face_analysis(), photos, tmp_path / "cache")
+    assert sum(face.photo == "pair.png" for face in found.values()) == 2
+    ids = list(found)
+    groups, _ = cluster_faces(list(found.values()))
+    for group in groups:
+        members = [found[ids[i]].photo for i in group]
+        assert len(members) == len(set(members)), members  # never two faces of one photo
+    assert len([g for g in groups if any(found[ids[i]].photo == "pair.png" for i in g)]) == 2
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     album_cli.add_to(parser.add_subparsers())
@@ -188,6 +299,22 @@ def test_cli_bad_input_fails_before_any_work(tmp_path, model_dir):
         album_cli.run(parse([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]))
     with pytest.raises(RefFaceError, match="--max-refs"):
         album_cli.run(parse([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--max-refs", "0"]))
+
+
+def test_cli_refuses_out_in_the_photo_folder_before_the_model_loads(album_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFFACE_HOME", str(tmp_path / "home"))  # no model there: loading one would download
+    with pytest.raises(RefFaceError, match="is the photo folder"):
+        album_cli.run(parse([str(album_dir), "--out", str(album_dir)]))
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_composite_context_model_is_refused_before_any_photo_is_scanned(album_dir, tmp_path):
+    model = tiny_restorer()
+    model.add_composite_context(tiny_context_config())
+    out = tmp_path / "out"
+    with pytest.raises(RefFaceError, match="this model has Composite Context: refface album does not support it yet"):
+        build_album(model, None, album_dir, out, AlbumSettings(), "tiny")  # no face analysis: never reached
+    assert not out.exists()
 
 
 def test_cli_runs_an_album(built, album_dir, model_dir, tmp_path, capsys):

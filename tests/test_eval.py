@@ -80,7 +80,7 @@ def test_eval_writes_images_csv_summary_plots_and_html(setup, full_run):
         assert ids["ci95"][0] < ids["mean"] < ids["ci95"][1] and ids["n"] == 12
         assert {"ids_ref", "psnr", "ssim"} <= set(cell["metrics"]) and "lpips" not in cell["metrics"]
         assert cell["fid"] is None
-    skipped = " ".join(summary["skipped_metrics"])
+    skipped = " ".join(summary["metric_notes"])
     assert "LPIPS skipped" in skipped and "vgg16-397923af.pth" in skipped and "FID skipped" in skipped
     for plot in ("ids_by_references.png",):
         assert Image.open(full_run / "plots" / plot).size[0] > 300
@@ -135,7 +135,7 @@ def test_a_run_folder_keeps_its_settings(setup, full_run, tmp_path, capsys):
     shutil.copytree(full_run, copy)
     assert main(eval_args(setup, copy, "--sweep", "refs=1,2", "--scale", "2")) == 1
     err = capsys.readouterr().err
-    assert "holds a run made with other settings" in err and "'scale': 1.5" in err and "Traceback" not in err
+    assert "holds a run made with other settings (options.scale: 1.5 -> 2.0)" in err and "Traceback" not in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(eval_args(setup, tmp_path / "other")) == 1
@@ -190,6 +190,8 @@ def test_a_folder_of_people_is_degraded_with_a_fixed_seed(setup, tmp_path):
     assert np.array_equal(a.lq(a.faces[0]), b.lq(b.faces[0]))
     assert not np.array_equal(a.lq(a.faces[0]), a.lq(a.faces[1]))
     out = tmp_path / "run"
+    mistyped = ["eval", "--set", "folder", "--data", str(people), "--preset", "sever", "--out", str(out)]
+    assert main([*mistyped, "--model", str(setup["model"])]) == 1 and not (out / "run.json").exists()
     assert main(["eval", "--set", "folder", "--data", str(people), "--preset", "severe", "--out", str(out),
                  "--model", str(setup["model"]), "--metrics", str(setup["metrics"]), "--steps", "2"]) == 0  # fmt: skip
     assert len(images_of(out)) == 4 and (out / "report.html").is_file()
@@ -261,7 +263,7 @@ def test_every_metric_from_its_public_file(tmp_path):
                  "--out", str(out), "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics"),
                  "--steps", "2", "--limit", "3"]) == 0  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_metrics"] == []
+    assert [line for line in summary["metric_notes"] if "skipped" in line] == []
     cell = summary["cells"][0]
     assert set(cell["metrics"]) == {"ids", "ids_ref", "lpips", "psnr", "ssim", "niqe"} and np.isfinite(cell["fid"])
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..choices import ALBUM_KEEP_SHARP, ALBUM_MAX_REFERENCES
 from .options import add_face_models_option, add_sampling_options, sampling_options
 
 
@@ -17,21 +18,27 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         "--out",
         required=True,
         type=Path,
-        help="output folder: restored photos (never overwriting), people.json (edit it and rerun) and album.html",
+        help="output folder: restored photos (never over a file the album did not write), people.json (edit it "
+        "and rerun) and album.html",
     )
     album.add_argument(
         "--model",
         type=Path,
         help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
     )
-    album.add_argument("--max-refs", type=int, default=5, help="references per person, chosen automatically (5)")
+    album.add_argument(
+        "--max-refs",
+        type=int,
+        default=ALBUM_MAX_REFERENCES,
+        help=f"references per person, chosen automatically ({ALBUM_MAX_REFERENCES})",
+    )
     album.add_argument(
         "--keep-sharp",
         type=float,
-        default=60.0,
+        default=ALBUM_KEEP_SHARP,
         metavar="THRESHOLD",
-        help="leave a face alone when its 512 px aligned crop is this sharp (Laplacian variance; default 60: sharp "
-        "photos measure about 100-400, degraded ones under 50)",
+        help=f"leave a face alone when its 512 px aligned crop is this sharp (Laplacian variance; default "
+        f"{ALBUM_KEEP_SHARP:g}: sharp photos measure about 100-400, degraded ones under 50)",
     )
     album.add_argument(
         "--upscale",
@@ -50,7 +57,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..album import PEOPLE_JSON, AlbumSettings, build_album, model_id, photo_files
+    from ..album import PEOPLE_JSON, AlbumSettings, build_album, check_out, check_restorer, model_id, photo_files
     from ..errors import RefFaceError
     from ..faces import load_face_analysis
     from ..files import check_writable_folder
@@ -74,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise RefFaceError(f"--batch-size must be at least 1, got {args.batch_size}")
     photo_files(args.photos)
+    check_out(args.photos, args.out)
     check_writable_folder(args.out)
     make_solver(args.solver, args.steps, args.spacing)
     make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
 
     progress = Progress()
     model, _ = load_model(args, progress)
+    check_restorer(model)  # before any photo is scanned
     analysis = load_face_analysis(args.face_models)
     album = build_album(
         model, analysis, args.photos, args.out, settings, model_id(model_folder(args)), progress, progress.counter

@@ -68,7 +68,9 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--context-scale", type=float, default=1.0, help="Composite Context strength (0 = off)")
     add_face_models_option(evaluate)
     add_sampling_options(evaluate, steps=100, spacing="uniform")  # the published figures' settings
-    evaluate.add_argument("--seed", type=int, default=2024, help="noise seed; each face's comes from it and its id")
+    evaluate.add_argument(
+        "--seed", type=int, default=2024, help="noise seed; each face's comes from it and its id (default 2024)"
+    )
     evaluate.set_defaults(run=run)
 
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation.metrics import Scorer, check_metrics_dir, default_metrics_dir
     from ..evaluation.restoring import restore_set
-    from ..evaluation.run import open_run_dir, score_and_report
+    from ..evaluation.run import ALIGNED, open_run_dir, score_and_report
     from ..evaluation.sets import open_set
     from ..model import pick_device
     from ..progress import Progress
@@ -122,12 +124,11 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "preset": args.preset if folder_only else None,
         "degrade_seed": args.degrade_seed if folder_only else None,
     }  # fmt: skip
-    open_run_dir(args.out, record, write=main)  # every process checks, so all stop on its error
-    state.wait_for_everyone()
+    open_run_dir(args.out, record, write=False)  # every process checks, so all stop on its error
     with state.main_process_first():  # one process aligns a folder set's faces and fetches the default model
         eval_set = open_set(
             args.set, args.data, args.images, args.lq_dir, max_refs=args.max_refs, preset=args.preset,
-            seed=args.degrade_seed, face_models=args.face_models, cache=args.out / "aligned",
+            seed=args.degrade_seed, face_models=args.face_models, cache=args.out / ALIGNED,
             most_refs=max((cell.get("refs", 0) for cell in cells), default=0),
         )  # fmt: skip
         model, model_name = load_model(args, progress)
@@ -136,10 +137,13 @@ def run(args: argparse.Namespace) -> int:
     total = len(eval_set.faces)
     eval_set.faces = eval_set.faces[: args.limit]
     limited = f" (the first {len(eval_set.faces)} of {total})" if len(eval_set.faces) < total else ""
-    progress(f"{eval_set.name}: {len(eval_set.faces)} faces{limited}")
+    progress(f"{eval_set.name}: {len(eval_set.faces)} face{'s' * (len(eval_set.faces) != 1)}{limited}")
     for line in eval_set.problems:
         progress(f"  left out: {line}")
     scorer = Scorer(metrics_dir, model.device, progress) if main else None  # its files are checked before restoring
+    if main:  # all is checked: the run is recorded (a run that failed its checks leaves none, so a fix can rerun)
+        open_run_dir(args.out, record, write=True)
+    state.wait_for_everyone()
     restored = restore_set(
         model, eval_set, args.out, cells, options, context_of, args.seed, args.batch_size,
         (state.process_index, state.num_processes), progress.counter("restoring", "image"),
@@ -148,7 +152,16 @@ def run(args: argparse.Namespace) -> int:
     if scorer is not None:
         progress("scoring")
         summary = score_and_report(
-            model_name, str(model.device), eval_set, args.out, cells, options, args.seed, restored, scorer
+            model_name,
+            str(model.device),
+            eval_set,
+            args.out,
+            cells,
+            options,
+            args.seed,
+            restored,
+            scorer,
+            progress.counter("scoring", "image"),
         )
         print_summary(summary, args.out)
     return 0

@@ -29,7 +29,8 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         "--smooth",
         type=int,
         default=DEFAULT_SMOOTH,
-        help=f"smooth the landmarks over N frames so the face crop does not jitter (default {DEFAULT_SMOOTH}; 1 = off)",
+        help=f"smooth the landmarks over N frames (odd) so the face crop does not jitter: a quadratic fit from 5, "
+        f"a moving mean at 3, 1 = off (default {DEFAULT_SMOOTH})",
     )
     video.add_argument("--batch-size", type=int, default=8, help="frames per UNet call (default 8)")
     video.add_argument("--track", type=int, help="restore only this track (0 = longest; listed as the run starts)")
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..video import check_paths, open_video
 
     check_seeds([args.seed])
-    if args.smooth < 1:
-        raise RefFaceError(f"--smooth must be at least 1 frame (1 = off), got {args.smooth}")
+    if args.smooth < 1 or args.smooth % 2 == 0:
+        raise RefFaceError(f"--smooth must be an odd number of frames (1 = off, 3, 5, ...), got {args.smooth}")
     if args.batch_size < 1:
         raise RefFaceError(f"--batch-size must be at least 1, got {args.batch_size}")
     if path_kind(args.input) != "file":
@@ -59,14 +60,17 @@ def run(args: argparse.Namespace) -> int:
     check_paths(args.input, args.out, args.overwrite)
     open_video(args.input).close()  # not a video: say so before the model loads
     from ..sampling import make_branches, make_solver
+    from .album import model_folder
     from .restore import image_files, load_model
 
     refs, _ = image_files(args.ref, "--ref")
     make_solver(args.solver, args.steps, args.spacing)  # bad sampling options fail now, not after the model loads
     make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
 
+    from ..album import model_id
     from ..faces import load_face_analysis, prepare_references
     from ..progress import Progress
+    from ..video import report_path as video_report_path
     from ..video import restore_video, summary_lines
 
     progress = Progress()
@@ -81,15 +85,8 @@ def run(args: argparse.Namespace) -> int:
         progress(line)
     context = model.encode_context(references.crops, references.embeddings)
     select = args.track if args.track is not None else ("all" if args.all_tracks else "matching")
-    stat = args.input.stat()
-    settings = {
-        "input": [str(args.input.resolve()), stat.st_size, stat.st_mtime_ns],
-        "references": references.names,
-        "model": str(args.model or model_name),
-        "face_models": str(args.face_models),
-        "threshold": args.ref_threshold,
-        **sampling_options(args),
-    }
+    # The rest of the resume key (video, references by content, dtype, sampling) is made by restore_video.
+    settings = {"model": model_id(model_folder(args)), "face_models": str(args.face_models)}
     result = restore_video(
         model, analysis, args.input, args.out, references.embeddings, context, settings, select, args.ref_threshold,
         args.smooth, args.seed, args.batch_size, not args.colorize, progress, progress.counter,
@@ -105,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": sampling_options(args),
         **result.to_json(),
     }
-    report_path = args.out.with_name(args.out.name + ".json")
+    report_path = video_report_path(args.out)
     text = json.dumps(report, indent=2)
     write_atomic(report_path, lambda tmp: Path(tmp).write_text(text))
     for line in summary_lines(result):

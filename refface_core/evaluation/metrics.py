@@ -39,6 +39,7 @@ NIQE_MODEL = WeightsFile(
     "niqe_modelparameters.mat", "the NIQE authors' niqe_release.zip (LIVE, UT Austin), as pyiqa's 'niqe' loads it"
 )
 
+FEW_FOR_FID = 2048  # below the feature count, the faces' covariance is singular and FID is biased upwards
 # Columns of metrics.csv, and whether higher is better.
 HIGHER_IS_BETTER = {"ids": True, "ids_ref": True, "lpips": False, "psnr": True, "ssim": True, "niqe": False}
 
@@ -61,14 +62,16 @@ class Scorer:
     def __init__(self, folder: str | os.PathLike, device: torch.device, say: Callable[[str], None] = print) -> None:
         self.folder, self.say = Path(folder), say
         self.device = torch.device("cpu") if device.type == "mps" else device  # the metrics compute in float64
-        self.skipped: list[str] = []
+        self.notes: list[str] = []
+        if not self.folder.is_dir():
+            self._note(f"the metrics folder {self.folder} does not exist: only PSNR and SSIM are scored")
         self.arcface = self._load("IDS", [ARCFACE], self._arcface)
         self.lpips = self._load("LPIPS", [LPIPS_VGG, LPIPS_LINEAR], self._lpips)
         self.inception = self._load("FID", [INCEPTION, FID_STATISTICS], self._inception)
         self.niqe = self._load("NIQE", [NIQE_MODEL], self._niqe)
 
-    def _skip(self, line: str) -> None:
-        self.skipped.append(line)
+    def _note(self, line: str) -> None:
+        self.notes.append(line)
         self.say(line)
 
     def _load(self, metric: str, files: list[WeightsFile], load: Callable[..., object]) -> object | None:
@@ -76,7 +79,7 @@ class Scorer:
         missing = [f for f, path in zip(files, paths, strict=True) if not path.is_file()]
         if missing:
             wanted = "; ".join(f"{self.folder / f.name} ({f.source})" for f in missing)
-            self._skip(f"{metric} skipped: not found: {wanted}")
+            self._note(f"{metric} skipped: not found: {wanted}")
             return None
         return load(*paths)
 
@@ -127,8 +130,8 @@ class Scorer:
 
             if min(restored.shape[:2]) >= BLOCK:
                 scores["niqe"] = float(self.niqe(out)[0])
-            elif not any(line.startswith("NIQE") for line in self.skipped):
-                self._skip(f"NIQE skipped: it needs faces of {BLOCK} px at least, these are {len(restored)}")
+            elif not any(line.startswith("NIQE") for line in self.notes):
+                self._note(f"NIQE skipped: it needs faces of {BLOCK} px at least, these are {len(restored)}")
         return scores
 
     @torch.no_grad()
@@ -140,10 +143,13 @@ class Scorer:
         from .fid import frechet_distance, statistics
 
         features = torch.cat([self.inception(to_tensor(image).to(self.device)).cpu() for image in images])
+        if len(images) < FEW_FOR_FID and not any(line.startswith("FID from") for line in self.notes):
+            self._note(f"FID from {len(images)} faces per cell: biased upwards below a few thousand; compare it only "
+                       "between runs of the same size")  # fmt: skip
         try:
             return frechet_distance(*statistics(features), *self.fid_statistics)
         except RefFaceError as e:
-            self._skip(f"FID of {label}: not computed: {e}")
+            self._note(f"FID of {label}: not computed: {e}")
             return None
 
 

@@ -77,8 +77,10 @@ def summarise(rows: list[dict[str, Any]], cells: list[dict[str, Any]], fid: dict
             for key in COLUMNS
             if key != "fid" and mine and all(key in row for row in mine)
         }
-        summary.append({"cell": name, "settings": cell["settings"], "faces": len(mine), "metrics": metrics,
-                        "fid": fid.get(name)})  # fmt: skip
+        asked = cell["settings"].get("refs")
+        short = sum(1 for row in mine if asked is not None and row["refs"] < asked)  # faces with fewer references
+        summary.append({"cell": name, "settings": cell["settings"], "faces": len(mine), "fewer_refs": short,
+                        "metrics": metrics, "fid": fid.get(name)})  # fmt: skip
     return summary
 
 
@@ -118,6 +120,8 @@ def plot(run_dir: Path, rows: list[dict[str, Any]], summary: list[dict], set_nam
                 ax.scatter(figures["lpips"], figures["ids"], marker="x", color="grey")
                 ax.annotate(f"{method} (paper)", (figures["lpips"], figures["ids"]), fontsize=7, color="grey")
             ax.legend(fontsize=7, loc="best")
+            ax.ticklabel_format(useOffset=False)
+            ax.locator_params(nbins=5)
             ax.set(xlabel="LPIPS (lower is better)", ylabel="IDS (higher is better)", title="identity and fidelity")
             written.append(_save(fig, folder / "ids_lpips.png"))
     return written
@@ -154,7 +158,8 @@ def write_html(run_dir: Path, run: dict[str, Any], summary: list[dict], sheets: 
         cells = [
             fmt(entry["metrics"].get(c)) if c != "fid" else f"<td>{_number(entry['fid'], 2)}</td>" for c in COLUMNS
         ]
-        body.append(f"<tr><td>{e(entry['cell'])}</td><td>{entry['faces']}</td>{''.join(cells)}</tr>")
+        short = f"<br><small>{entry['fewer_refs']} with fewer references</small>" if entry["fewer_refs"] else ""
+        body.append(f"<tr><td>{e(entry['cell'])}{short}</td><td>{entry['faces']}</td>{''.join(cells)}</tr>")
     for method, figures in PUBLISHED.get(run["set"], {}).items():
         cells = [f"<td>{_number(figures.get(c), 2 if c == 'fid' else 3)}</td>" for c in COLUMNS]
         body.append(f"<tr class=paper><td>{e(method)} (paper)</td><td></td>{''.join(cells)}</tr>")
@@ -175,9 +180,16 @@ def write_html(run_dir: Path, run: dict[str, Any], summary: list[dict], sheets: 
             f"<h3>{e(cell)}</h3><table class=sheet><tr><th></th><th>LQ</th><th>restored</th><th>ground truth</th>"
             f"<th>references</th></tr>{''.join(lines)}</table>"
         )
-    settings = ", ".join(f"{k}={v}" for k, v in run["options"].items())
+    swept = {key for entry in summary for key in entry["settings"]}
+    settings = ", ".join(f"{k}={v}" for k, v in run["options"].items() if k not in swept)
+    settings += f"; swept: {', '.join(sorted(swept))}" if swept else ""
+    published = (
+        "Published rows: the ReF-LDM paper (100 DDIM steps, CFG 1.5, 5 references)."
+        if run["set"] in PUBLISHED
+        else "The paper publishes no figures for this set."
+    )
     problems = f"<p>{len(run['problems'])} face(s) left out: see summary.json.</p>" if run["problems"] else ""
-    skipped = "".join(f"<li>{e(line)}</li>" for line in run["skipped_metrics"])
+    notes = "".join(f"<li>{e(line)}</li>" for line in run["metric_notes"])
     page = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>RefFace eval: {e(run["set"])}</title>
 <style>
@@ -194,10 +206,10 @@ img {{ max-width: 100%; }}
 <h1>RefFace evaluation: {e(run["set"])}</h1>
 <p>Model <b>{e(run["model"])}</b>; {run["faces"]} faces; {e(settings)}; seed {run["seed"]}.
 {_number(run.get("seconds_per_image"), 1)} s per restored image on {e(run["device"])}.</p>
-{problems}{f"<ul>{skipped}</ul>" if skipped else ""}
+{problems}{f"<ul>{notes}</ul>" if notes else ""}
 <h2>Metrics</h2>
 <p>Mean [95% confidence interval]. IDS: ArcFace cosine to the ground truth; IDS-REF: to the first reference;
-LPIPS: VGG. Published rows: the ReF-LDM paper (100 DDIM steps, CFG 1.5, 5 references).</p>
+LPIPS: VGG. {published}</p>
 <table><tr><th>setting</th><th>faces</th>{head}</tr>{"".join(body)}</table>
 {plots}
 <h2>Best, median and worst faces by {e(run["ranked_by"].upper().replace("_", "-"))}</h2>

@@ -7,6 +7,7 @@ with other settings is refused, so a run's images always belong to one set of se
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from . import report
 from .metrics import HIGHER_IS_BETTER, Scorer
 from .restoring import Cell, Restored, cell_name, face_seed, restored_path
 from .sets import EvalSet
+
+ALIGNED = "aligned"  # a folder set's aligned faces, cached in the run folder before the run is recorded
 
 
 def open_run_dir(run_dir: Path, settings: dict[str, Any], write: bool = True) -> None:
@@ -33,19 +36,31 @@ def open_run_dir(run_dir: Path, settings: dict[str, Any], write: bool = True) ->
             before = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise RefFaceError(f"{record} is not readable ({e}); give a new --out folder") from None
-        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+        changed = _changes(before, settings)
         if changed:
             raise RefFaceError(
                 f"{run_dir} holds a run made with other settings ({'; '.join(changed)[:500]}); rerun with the same "
                 "settings to resume it, or give a new --out folder"
             )
         return
-    if kind == "folder" and any(run_dir.iterdir()):
+    if kind == "folder" and any(p.name != ALIGNED for p in run_dir.iterdir()):
         raise RefFaceError(f"--out {run_dir} is a folder with other files in it; give a new or empty folder")
     check_writable_folder(run_dir)
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         report.write_json(record, settings)
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two recorded settings, key by key (into nested settings)."""
+    changed = []
+    for key, value in now.items():
+        old = before.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            changed += _changes(old, value, f"{prefix}{key}.")
+        elif old != value:
+            changed.append(f"{prefix}{key}: {old!r} -> {value!r}")
+    return changed
 
 
 def score_and_report(
@@ -58,14 +73,17 @@ def score_and_report(
     seed: int,
     restored: Restored,
     scorer: Scorer,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score every restored image (every process's), write metrics.csv, the plots, report.html and summary.json;
     returns the summary."""
     rows: list[dict[str, Any]] = []
     fid: dict[str, float | None] = {}
-    for cell in cells:
+    for k, cell in enumerate(cells):
         images = []
-        for face in eval_set.faces:
+        for i, face in enumerate(eval_set.faces):
+            if progress is not None:
+                progress(k * len(eval_set.faces) + i, len(cells) * len(eval_set.faces))
             image = read_restored(restored_path(run_dir, cell, face))
             images.append(image)
             first_reference = eval_set.read(face.references[0])
@@ -77,6 +95,8 @@ def score_and_report(
             }
             rows.append(row | scorer.face(image, eval_set.read(face.hq), first_reference))
         fid[cell_name(cell)] = scorer.fid(images, cell_name(cell))
+    if progress is not None:
+        progress(len(rows), len(rows))
     described = [{"name": cell_name(cell), "settings": cell} for cell in cells]
     summary = report.summarise(rows, described, fid)
     ranked_by = next((key for key in ("ids", "lpips", "psnr") if rows and key in rows[0]), "psnr")
@@ -85,7 +105,7 @@ def score_and_report(
         "model": model_name,
         "faces": len(eval_set.faces),
         "problems": eval_set.problems,
-        "skipped_metrics": scorer.skipped,
+        "metric_notes": scorer.notes,
         "options": options,
         "seed": seed,
         "device": device,
