@@ -126,8 +126,9 @@ def test_baseline_run_failing_removes_the_worktree(tmp_path, capsys):
 
 def test_baseline_interrupted_removes_the_worktree_and_stops_its_run(model_dir, tmp_path):
     before = worktrees()
+    # 999 steps: a run long enough to interrupt (uniform spacing allows no more)
     command = [sys.executable, "-m", "refface_core", "bench", "--baseline", "HEAD", "--model", str(model_dir),
-               "--steps", "1000", "--timeout", "120"]  # fmt: skip
+               "--steps", "999", "--timeout", "120"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     children = []
     try:
