@@ -12,11 +12,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import RefFaceError
+
+HELD = (signal.SIGINT, signal.SIGTERM)
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds refface_core/
 GIT_SECONDS = 120
@@ -136,11 +139,13 @@ def run_bench_process(root: Path, argv: list[str], json_path: Path, timeout: flo
     command = [sys.executable, "-m", "refface_core", "bench", *argv, "--json", str(json_path)]
     print(f"refface bench: running the {side} code ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command, cwd=root, env=os.environ | {"PYTHONPATH": path}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        with _signals_held() as held:  # Ctrl-C inside Popen would leave its child running, in a session of its own
+            process = subprocess.Popen(
+                command, cwd=root, env=os.environ | {"PYTHONPATH": path}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         try:
+            held()
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise RefFaceError(f"the {side} benchmark ran past {timeout:g} s (--timeout) and was stopped") from None
@@ -155,6 +160,27 @@ def run_bench_process(root: Path, argv: list[str], json_path: Path, timeout: flo
         last = output[-1] if output else f"exit status {code}"
         raise RefFaceError(f"the {side} benchmark failed: {last.removeprefix('refface: error: ')}")
     return json.loads(json_path.read_text())
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[Callable[[], None]]:
+    """Hold SIGINT and SIGTERM while the block runs; the callable it yields raises one that came meanwhile, as its
+    own handler would have, once the caller is ready to clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    caught: list[int] = []
+
+    def release() -> None:
+        if caught:
+            signal.raise_signal(caught[0])
+
+    handlers = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in HELD}
+    try:
+        yield release
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def git(top: Path, *args: str, check: bool = True) -> str | None:

@@ -129,7 +129,14 @@ def test_baseline_interrupted_removes_the_worktree_and_stops_its_run(model_dir, 
     # 999 steps: a run long enough to interrupt (uniform spacing allows no more)
     command = [sys.executable, "-m", "refface_core", "bench", "--baseline", "HEAD", "--model", str(model_dir),
                "--steps", "999", "--timeout", "120"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C as at a terminal, though the tests may run in the background, where SIGINT starts ignored
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     children = []
     try:
         deadline = time.monotonic() + 60
@@ -158,3 +165,16 @@ def test_the_gpu_suite_compiles_only_refldms_setting():
     assert compiled == [(5, "refldm")] and gpu.batches == (1, 8)
     cpu = bench_suite.SUITES["cpu"]
     assert all(bench_suite.in_compiled_subset(cpu, n, g) for n in cpu.refs for g in cpu.guidances)
+
+
+def test_a_signal_during_the_child_start_is_raised_once_it_can_be_cleaned_up():
+    from refface_core.bench_baseline import _signals_held
+
+    with _signals_held() as held:
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C inside Popen: held, not raised there
+        time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        held()
+    with _signals_held() as held:
+        pass
+    held()  # nothing came: nothing raised
