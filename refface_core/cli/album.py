@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..choices import ALBUM_KEEP_SHARP, ALBUM_MAX_REFERENCES
-from .options import add_face_models_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
 
 
 def add_to(commands: argparse._SubParsersAction) -> None:
@@ -21,11 +21,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         help="output folder: restored photos (never over a file the album did not write), people.json (edit it "
         "and rerun) and album.html",
     )
-    album.add_argument(
-        "--model",
-        type=Path,
-        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
-    )
+    add_model_option(album)
     album.add_argument(
         "--max-refs",
         type=int,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..choices import EVAL_SETS, SWEEPABLE
 from ..errors import RefFaceError
-from .options import add_face_models_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
 
 if TYPE_CHECKING:
     from ..evaluation.restoring import ContextOf
@@ -37,11 +37,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--images", type=Path, help="the HQ images the CSV names (FFHQ's, CelebA-HQ's)")
     evaluate.add_argument("--lq-dir", type=Path, help="the LQ test images, if not where the release puts them")
     evaluate.add_argument("--out", required=True, type=Path, help="the run's folder (RUN_DIR)")
-    evaluate.add_argument(
-        "--model",
-        type=Path,
-        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
-    )
+    add_model_option(evaluate)
     evaluate.add_argument("--max-refs", type=int, default=5, help="references per face, at most (default 5)")
     evaluate.add_argument("--limit", type=int, help="only the first N faces of the set")
     evaluate.add_argument(

@@ -10,6 +10,14 @@ from typing import Any
 from ..choices import DEVICE_NAMES, DTYPE_NAMES, GUIDANCES, SOLVERS, SPACINGS
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
+    )
+
+
 def add_face_models_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--face-models",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RefFaceError, check_number, check_seeds
 from ..files import check_writable_folder, path_kind
-from .options import add_face_models_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
 
 if TYPE_CHECKING:
     from ..model import RefFaceRestorer
@@ -33,11 +33,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     restore.add_argument(
         "--out", required=True, type=Path, help="output image (.png, .jpg, ...), or a folder for several photos"
     )
-    restore.add_argument(
-        "--model",
-        type=Path,
-        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
-    )
+    add_model_option(restore)
     restore.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     restore.add_argument(
         "--upscale",

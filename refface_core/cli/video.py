@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import RefFaceError, check_seeds
-from .options import add_face_models_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
 
 DEFAULT_SMOOTH = 9  # frames: about a third of a second at 25-30 fps
 
@@ -19,11 +19,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         "--ref", required=True, action="append", type=Path, help="a good photo (or a folder) of the person; repeat"
     )
     video.add_argument("--out", required=True, type=Path, help="output video (.mp4, .mov, .mkv, .webm, .avi)")
-    video.add_argument(
-        "--model",
-        type=Path,
-        help="RefFace model folder (default $REFFACE_HOME/models/refldm, fetched by `refface download` on first use)",
-    )
+    add_model_option(video)
     video.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     video.add_argument(
         "--smooth",
