@@ -2,12 +2,14 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .album import GroupPeople, RestoreAlbum
 from .context import BuildCompositeContext
 from .examples import install_examples
 from .loaders import LoadFaceAnalysis, LoadFaRL, LoadRestorer
 from .references import IdentityEmbedding, IdentitySimilarity, LoadReferenceFaces
 from .restore import CropFaces, PasteFaces, RefFaceRestore, RestorePhoto
 from .runtime import register_model_folders
+from .video import RestoreVideo
 
 NODES: list[type[io.ComfyNode]] = [
     LoadRestorer,
@@ -21,6 +23,9 @@ NODES: list[type[io.ComfyNode]] = [
     PasteFaces,
     RestorePhoto,
     IdentitySimilarity,
+    GroupPeople,
+    RestoreAlbum,
+    RestoreVideo,
 ]
 
 

@@ -26,25 +26,34 @@ def threshold_input() -> io.Float.Input:
     return io.Float.Input("threshold", default=-1.0, min=-1.0, max=1.0, step=0.01, tooltip=THRESHOLD_TOOLTIP)
 
 
-def folder_photos(folder: str) -> list[Path]:
-    """Photos in ``folder``, a folder inside ComfyUI's input folder (as LoadImage, nothing outside it is read)."""
+def folder_photos(folder: str, what: str = "reference folder") -> list[Path]:
+    """Photos in ``folder`` (``what`` in messages), a folder inside ComfyUI's input folder (as LoadImage, nothing
+    outside it is read)."""
     inputs = Path(folder_paths.get_input_directory()).resolve()
     path = (inputs / folder).resolve()
     if not path.is_relative_to(inputs):
-        raise RefFaceError(f"the reference folder must be inside ComfyUI's input folder {inputs}, got {folder!r}")
+        raise RefFaceError(f"the {what} must be inside ComfyUI's input folder {inputs}, got {folder!r}")
     if not path.is_dir():
-        raise RefFaceError(f"reference folder not found: {path} (put the photos in a folder inside {inputs})")
+        raise RefFaceError(f"{what} not found: {path} (put the photos in a folder inside {inputs})")
     photos = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     for photo in photos:  # as for the folder: a link may not lead out of the input folder
         target = photo.resolve()
         if not target.is_relative_to(inputs):
-            raise RefFaceError(f"{photo.name} in the reference folder links to {target}, outside ComfyUI's input "
+            raise RefFaceError(f"{photo.name} in the {what} links to {target}, outside ComfyUI's input "
                                f"folder {inputs}; copy the photo into the folder instead")  # fmt: skip
         if not target.is_file():
-            raise RefFaceError(f"{photo.name} in the reference folder {path} is not a file (a broken link?)")
+            raise RefFaceError(f"{photo.name} in the {what} {path} is not a file (a broken link?)")
     if not photos:
-        raise RefFaceError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in the reference folder {path}")
+        raise RefFaceError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in the {what} {path}")
     return photos
+
+
+def folder_fingerprint(folder: str) -> str:
+    """Changes when the folder's photos change, so that ComfyUI (which caches on inputs) runs the node again."""
+    try:
+        return "|".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in folder_photos(folder)) if folder else ""
+    except (RefFaceError, OSError):  # execute will say what is wrong
+        return ""
 
 
 def slot_number(name: str) -> int:
@@ -108,11 +117,7 @@ class LoadReferenceFaces(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str = "", **_: object) -> str:
-        """Run again when the folder's photos change (ComfyUI caches on inputs otherwise)."""
-        try:
-            return "|".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in folder_photos(folder)) if folder else ""
-        except (RefFaceError, OSError):  # execute will say what is wrong
-            return ""
+        return folder_fingerprint(folder)
 
     @classmethod
     def execute(

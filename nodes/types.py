@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from comfy_api.latest import io
 
+from refface_core.album import Grouping
+
 RefFaceModel = io.Custom("REFFACE_MODEL")  # runtime.Offloadable around a RefFaceRestorer
 FaRLModel = io.Custom("REFFACE_FARL")  # runtime.Offloadable around a FaRLEncoder
 IdentityType = io.Custom("REFFACE_IDENTITY")  # Identity
@@ -28,3 +30,14 @@ class FaceCrops:
     image_index: list[int]  # which image of the batch
     size: int  # the crop size the affines were made for
     photo_sizes: list[tuple[int, int]]  # (height, width) of each image of the batch
+
+
+AlbumType = io.Custom("REFFACE_ALBUM")  # AlbumPhotos
+
+
+@dataclass(frozen=True)
+class AlbumPhotos:
+    """Photos by name, in order, and their faces grouped into people."""
+
+    photos: dict[str, np.ndarray]  # RGB uint8
+    grouping: Grouping

@@ -27,7 +27,7 @@ import hashlib
 import html
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +46,11 @@ from .faces.matching import MIN_FACE_SIZE, UNSURE_DETECTION
 from .faces.references import MIN_REFERENCE_SIZE, rank_references, sharpness
 from .faces.tone import is_grayscale, match_tone
 from .files import path_kind, write_atomic
-from .images import IMAGE_SUFFIXES, load_photo, save_image, to_8bit
+from .images import IMAGE_SUFFIXES, Photo, load_photo, save_image, to_8bit
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+
     from .model import RefFaceRestorer
 
 PEOPLE_JSON = "people.json"
@@ -123,10 +125,19 @@ class AlbumSettings:
 
 
 @dataclass
-class Album:
+class Grouping:
+    """An album's faces grouped into people, with each person's references and each face's fate."""
+
     faces: dict[str, AlbumFace]
     people: list[Person]
     decisions: dict[str, str]  # face id -> restored | kept sharp | reference | unmatched | too small | no reference
+
+    def to_restore(self) -> list[tuple[str, Person]]:
+        return [(face_id, p) for p in self.people for face_id in p.faces if self.decisions[face_id] == "restored"]
+
+
+@dataclass
+class Album(Grouping):
     outputs: dict[str, dict[str, str]]  # photo -> {"output": file name in OUT, "key": what it was made from}
     sampled: int  # faces sampled in this run (the rest came from the cache)
 
@@ -151,7 +162,7 @@ def check_out(photos_dir: Path, out: Path) -> None:
 
 def check_restorer(restorer: RefFaceRestorer) -> None:
     if restorer.context_encoder is not None:
-        raise RefFaceError("this model has Composite Context: refface album does not support it yet")
+        raise RefFaceError("this model has Composite Context: albums do not support it yet; use a ReF-LDM model")
 
 
 def scan_photos(
@@ -165,30 +176,47 @@ def scan_photos(
     cache.mkdir(parents=True, exist_ok=True)
     faces: dict[str, AlbumFace] = {}
     for done, path in enumerate(photos):
-        key = _digest(path.read_bytes(), analysis.name.encode())
-        stored = cache / f"{key}.npz"
+        stored = cache / f"{_digest(path.read_bytes(), analysis.name.encode())}.npz"
         if stored.is_file():
-            data = np.load(stored)
+            data = dict(np.load(stored))
         else:
-            pixels = to_8bit(load_photo(path).pixels)
-            found = analysis.detect(pixels)
-            crops = analysis.identity_crops(pixels, found)
-            data = {
-                "boxes": np.array([f.bbox for f in found]).reshape(-1, 4),
-                "landmarks": np.array([f.landmarks for f in found]).reshape(-1, 5, 2),
-                "scores": np.array([f.score for f in found]),
-                "embeddings": analysis.embed_crops(crops),
-                "sharpness": np.array([sharpness(c) for c in crops]),
-                "detail": np.array([sharpness(align_face(pixels, f.landmarks, 512)[0]) for f in found]),
-            }
+            data = _analyse(analysis, to_8bit(load_photo(path).pixels))
             write_atomic(stored, lambda tmp, data=data: _save_npz(tmp, data))
-        for k in range(len(data["scores"])):
-            face = Face(data["boxes"][k], data["landmarks"][k], float(data["scores"][k]))
-            face_id = f"{path.name}#{k}"
-            faces[face_id] = AlbumFace(
-                face_id, path.name, face, data["embeddings"][k], float(data["sharpness"][k]), float(data["detail"][k])
-            )
+        faces |= _album_faces(path.name, data)
         update(done + 1, len(photos))
+    return faces
+
+
+def find_album_faces(
+    analysis: FaceAnalysis, photos: dict[str, np.ndarray], update: Callable[[int, int], None] = lambda d, t: None
+) -> dict[str, AlbumFace]:
+    """``scan_photos`` for photos in memory (name -> RGB pixels), uncached: the ComfyUI nodes' album."""
+    faces: dict[str, AlbumFace] = {}
+    for done, (name, pixels) in enumerate(photos.items()):
+        faces |= _album_faces(name, _analyse(analysis, to_8bit(pixels)))
+        update(done + 1, len(photos))
+    return faces
+
+
+def _analyse(analysis: FaceAnalysis, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    found = analysis.detect(pixels)
+    crops = analysis.identity_crops(pixels, found)
+    return {
+        "boxes": np.array([f.bbox for f in found]).reshape(-1, 4),
+        "landmarks": np.array([f.landmarks for f in found]).reshape(-1, 5, 2),
+        "scores": np.array([f.score for f in found]),
+        "embeddings": analysis.embed_crops(crops),
+        "sharpness": np.array([sharpness(c) for c in crops]),
+        "detail": np.array([sharpness(align_face(pixels, f.landmarks, 512)[0]) for f in found]),
+    }
+
+
+def _album_faces(photo: str, data: dict[str, np.ndarray]) -> dict[str, AlbumFace]:
+    faces = {}
+    for k in range(len(data["scores"])):
+        face = Face(data["boxes"][k], data["landmarks"][k], float(data["scores"][k]))
+        faces[f"{photo}#{k}"] = AlbumFace(f"{photo}#{k}", photo, face, data["embeddings"][k],
+                                          float(data["sharpness"][k]), float(data["detail"][k]))  # fmt: skip
     return faces
 
 
@@ -313,11 +341,13 @@ def build_album(
     model_id: str,
     log: Callable[[str], None] = print,
     counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+    state: PartialState | None = None,
 ) -> Album:
     """The whole album: faces found (cached), grouped into people (or as ``people.json`` says, after an edit),
     references chosen, degraded faces restored (cached by their inputs) and pasted back, ``people.json`` and the
     contact sheet written. ``model_id`` names the model's weights in the cache keys. ``counter(what, unit)`` makes a
-    (done, total) progress callback."""
+    (done, total) progress callback. Under accelerate (``state``), the main process finds and groups the faces once,
+    every process restores its share of the batches, and the main process pastes and writes."""
     settings.check()
     photos = photo_files(photos_dir)
     check_out(photos_dir, out)
@@ -325,11 +355,57 @@ def build_album(
     out.mkdir(parents=True, exist_ok=True)
     count = counter or (lambda what, unit: lambda done, total: None)
     cache = out / CACHE
-    previous = _read_people(out / PEOPLE_JSON)  # a broken edit fails before any work
-    log(f"finding faces in {len(photos)} photo(s)")
-    found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
+    previous = _read_people(out / PEOPLE_JSON)  # a broken edit fails before any work, in every process
+    main = state is None or state.is_main_process
+    grouping = None
+    if main:
+        log(f"finding faces in {len(photos)} photo(s)")
+        found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
+        grouping = group_people(found, analysis.same_person_threshold, settings, previous, log)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        grouping = broadcast_object_list([grouping])[0]
+    assert grouping is not None
+    pixels = {path.name: load_photo(path) for path in photos}
+    shard = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    restored, sampled = _restore(restorer, grouping, pixels, settings, model_id, cache, count, shard)
+    if state is not None:
+        state.wait_for_everyone()
+    if not main:
+        return Album(grouping.faces, grouping.people, grouping.decisions, {}, sampled)
+    outputs = _paste(grouping, restored, pixels, settings, out, previous, log)
+    album = Album(grouping.faces, grouping.people, grouping.decisions, outputs, sampled)
+    _write_people(out, album, settings, model_id, restored)
+    write_contact_sheet(out, album, pixels, restored)
+    return album
+
+
+def person_lines(grouping: Grouping) -> list[str]:
+    """The grouping in words: each person's faces, references and faces to restore; the faces in no person."""
+    lines = []
+    for p in grouping.people:
+        photos = len({grouping.faces[i].photo for i in p.faces})
+        restore = [i for i in p.faces if grouping.decisions[i] == "restored"]
+        refs = ", ".join(p.references) or "none (no large, sharp face: its faces are left unchanged)"
+        lines.append(f"{p.id}: {len(p.faces)} face(s) in {photos} photo(s); references: {refs}; restoring "
+                     f"{len(restore)}" + (f": {', '.join(restore)}" if restore else ""))  # fmt: skip
+    unmatched = [i for i, d in grouping.decisions.items() if d == "unmatched"]
+    if unmatched:
+        lines.append(f"in no person, left unchanged ({len(unmatched)}): {', '.join(unmatched)}")
+    return lines
+
+
+def group_people(
+    found: dict[str, AlbumFace],
+    threshold: float,
+    settings: AlbumSettings,
+    previous: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> Grouping:
+    """The faces grouped into people (as ``previous``, a read ``people.json``, says where given), each person's
+    references chosen (``threshold``: the face models' same-person similarity) and each face's fate decided."""
     people = _people(found, previous, log)
-    threshold = analysis.same_person_threshold
     for person in people:
         person.references = choose_references([found[i] for i in person.faces], person.exclude, settings.max_refs,
                                               threshold)  # fmt: skip
@@ -337,13 +413,7 @@ def build_album(
     decisions = {face_id: decide(face, owner.get(face_id), settings.keep_sharp) for face_id, face in found.items()}
     log(f"{len(people)} people; {sum(d == 'restored' for d in decisions.values())} face(s) to restore, "
         f"{sum(d == 'unmatched' for d in decisions.values())} in no person")  # fmt: skip
-    pixels = {path.name: load_photo(path) for path in photos}
-    restored, sampled = _restore(restorer, found, people, decisions, pixels, settings, model_id, cache, count)
-    outputs = _paste(found, decisions, restored, pixels, settings, out, previous, log)
-    album = Album(found, people, decisions, outputs, sampled)
-    _write_people(out, album, settings, model_id, restored)
-    write_contact_sheet(out, album, pixels, restored)
-    return album
+    return Grouping(found, people, decisions)
 
 
 def _people(found: dict[str, AlbumFace], previous: dict | None, log: Callable[[str], None]) -> list[Person]:
@@ -377,63 +447,78 @@ def _people(found: dict[str, AlbumFace], previous: dict | None, log: Callable[[s
 
 def _restore(
     restorer: RefFaceRestorer,
-    found: dict[str, AlbumFace],
-    people: list[Person],
-    decisions: dict[str, str],
-    pixels: dict,
+    grouping: Grouping,
+    pixels: dict[str, Photo],
     settings: AlbumSettings,
     model_id: str,
     cache: Path,
     count: Callable[[str, str], Callable[[int, int], None]],
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[dict[str, Path], int]:
-    """Every face to restore, sampled in batches of faces (each with its person's context) unless its cached result
-    exists. A face's key covers its crop, its person's reference crops, the model, the settings and the seed."""
-    size = restorer.image_size
+    """Every face to restore, in ``cache``/faces/ under a key of its inputs (its crop, its person's reference
+    crops, the model, the settings and the seed), sampled unless that file exists. Returns the files and how many
+    faces had none (all processes together; this one sampled its ``shard`` of them)."""
+    crop = aligned_crops(grouping.faces, {name: p.pixels for name, p in pixels.items()}, restorer.image_size)
     settings_text = json.dumps(settings.sample_options, sort_keys=True, default=str)
+    inputs = [str(x).encode() for x in (model_id, settings_text, settings.seed, restorer.dtype)]
+    faces_dir = cache / "faces"
+    faces_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for face_id, person in grouping.to_restore():
+        key = _digest(crop(face_id).tobytes(), *(crop(r).tobytes() for r in person.references), *inputs)
+        paths[face_id] = faces_dir / f"{key}.png"
+    todo = [(face_id, person) for face_id, person in grouping.to_restore() if not paths[face_id].is_file()]
+    for face_id, image in sample_faces(restorer, grouping, todo, crop, settings, count("faces", "face"), shard):
+        write_atomic(paths[face_id], lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
+    return paths, len(todo)
+
+
+def aligned_crops(faces: dict[str, AlbumFace], pixels: dict[str, Photo], size: int) -> Callable[[str], np.ndarray]:
+    """face id -> its aligned crop at the model's size, each made once."""
     crops: dict[str, np.ndarray] = {}
 
     def crop(face_id: str) -> np.ndarray:
         if face_id not in crops:
-            face = found[face_id]
-            crops[face_id] = align_face(to_8bit(pixels[face.photo].pixels), face.face.landmarks, size)[0]
+            face = faces[face_id]
+            crops[face_id] = align_face(to_8bit(pixels[face.photo]), face.face.landmarks, size)[0]
         return crops[face_id]
 
-    faces_dir = cache / "faces"
-    faces_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    todo: list[tuple[str, Person]] = []
-    for person in people:
-        refs = [crop(face_id) for face_id in person.references]
-        for face_id in person.faces:
-            if decisions[face_id] == "restored":
-                inputs = (model_id, settings_text, settings.seed, restorer.dtype)
-                key = _digest(crop(face_id).tobytes(), *(r.tobytes() for r in refs), *(str(x).encode() for x in inputs))
-                paths[face_id] = faces_dir / f"{key}.png"
-                if not paths[face_id].is_file():
-                    todo.append((face_id, person))
-    if todo:
-        contexts = {}
-        for person in {p.id: p for _, p in todo}.values():
-            identity = np.stack([found[i].embedding for i in person.references])
-            contexts[person.id] = restorer.encode_context([crop(i) for i in person.references], identity)
-        update = count("faces", "face")
-        for start in range(0, len(todo), settings.batch_size):
-            chunk = todo[start : start + settings.batch_size]
-            images = restorer.restore_batch(
-                [crop(face_id) for face_id, _ in chunk], [contexts[p.id] for _, p in chunk],
-                [settings.seed] * len(chunk), settings.batch_size, **settings.sample_options,
-            )  # fmt: skip
-            for (face_id, _), image in zip(chunk, images, strict=True):
-                write_atomic(paths[face_id], lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
-            update(start + len(chunk), len(todo))
-    return paths, len(todo)
+    return crop
+
+
+def sample_faces(
+    restorer: RefFaceRestorer,
+    grouping: Grouping,
+    todo: Sequence[tuple[str, Person]],
+    crop: Callable[[str], np.ndarray],
+    settings: AlbumSettings,
+    update: Callable[[int, int], None] = lambda done, total: None,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(face id, restored crop) for each face of ``todo``, sampled ``settings.batch_size`` at a time, each with its
+    person's context and the album's seed. The batches are cut in ``todo``'s order and a process takes every
+    ``shard[1]``-th from ``shard[0]``."""
+    index, processes = shard
+    batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)][index::processes]
+    contexts = {}
+    for person in {p.id: p for batch in batches for _, p in batch}.values():
+        identity = np.stack([grouping.faces[i].embedding for i in person.references])
+        contexts[person.id] = restorer.encode_context([crop(i) for i in person.references], identity)
+    done, total = 0, sum(map(len, batches))
+    for batch in batches:
+        images = restorer.restore_batch(
+            [crop(face_id) for face_id, _ in batch], [contexts[p.id] for _, p in batch],
+            [settings.seed] * len(batch), settings.batch_size, **settings.sample_options,
+        )  # fmt: skip
+        yield from zip([face_id for face_id, _ in batch], images, strict=True)
+        done += len(batch)
+        update(done, total)
 
 
 def _paste(
-    found: dict[str, AlbumFace],
-    decisions: dict[str, str],
+    grouping: Grouping,
     restored: dict[str, Path],
-    pixels: dict,
+    pixels: dict[str, Photo],
     settings: AlbumSettings,
     out: Path,
     previous: dict | None,
@@ -442,12 +527,10 @@ def _paste(
     """Each photo with restored faces, written into ``out`` as <name>.png. A file there is replaced only when it is
     this album's own earlier output, unchanged since (its hash is in ``people.json``); any other file keeps its name
     and the photo takes a free one."""
-    from .pipeline import auto_upscale, check_upscale
-
     before = (previous or {}).get("photos", {})
     outputs = {}
     for name, photo in pixels.items():
-        targets = [f for f in found.values() if f.photo == name and decisions[f.id] == "restored"]
+        targets = [f for f in grouping.faces.values() if f.photo == name and grouping.decisions[f.id] == "restored"]
         if not targets:
             continue
         key = _digest(*(restored[f.id].name.encode() for f in targets), str(settings.upscale).encode(),
@@ -457,25 +540,37 @@ def _paste(
         if own and old.get("key") == key:
             outputs[name] = {"output": old["output"], "key": key}
             continue
-        base, small = photo.pixels, to_8bit(photo.pixels)
-        upscale = settings.upscale or auto_upscale(small.shape, [f.face.size for f in targets])
-        check_upscale(small.shape, upscale)
-        if upscale != 1:
-            base = cv2.resize(base, (round(small.shape[1] * upscale), round(small.shape[0] * upscale)),
-                              interpolation=cv2.INTER_LANCZOS4)  # fmt: skip
-        factors = (base.shape[1] / small.shape[1], base.shape[0] / small.shape[0])
-        gray = settings.tone and is_grayscale(small)
-        for f in targets:
-            lq, affine = align_face(small, f.face.landmarks, 512)
-            face = np.asarray(Image.open(restored[f.id]).convert("RGB"))
-            lq = cv2.resize(lq, face.shape[1::-1], interpolation=cv2.INTER_AREA)
-            face = match_tone(face, lq, gray) if settings.tone else face
-            base = paste_back(base, face, scale_affine(affine, *factors), 512)
+        result = paste_faces(photo.pixels, targets, lambda f: np.asarray(Image.open(restored[f]).convert("RGB")),
+                             settings)  # fmt: skip
         path = out / old["output"] if own else _free_name(out, Path(name).stem)
-        save_image(base, path, {"software": "RefFace album", "source": name, "key": key}, photo.exif, photo.icc)
+        save_image(result, path, {"software": "RefFace album", "source": name, "key": key}, photo.exif, photo.icc)
         log(f"wrote {path}")
         outputs[name] = {"output": path.name, "key": key}
     return outputs
+
+
+def paste_faces(
+    pixels: np.ndarray, targets: Sequence[AlbumFace], restored: Callable[[str], np.ndarray], settings: AlbumSettings
+) -> np.ndarray:
+    """The photo (8- or 16-bit) with each target face's restored crop (``restored(face id)``) pasted back, scaled by
+    ``settings.upscale`` (None: restore's automatic factor) and toned as the photo where ``settings.tone``."""
+    from .pipeline import auto_upscale, check_upscale
+
+    base, small = pixels, to_8bit(pixels)
+    upscale = settings.upscale or auto_upscale(small.shape, [f.face.size for f in targets])
+    check_upscale(small.shape, upscale)
+    if upscale != 1:
+        base = cv2.resize(base, (round(small.shape[1] * upscale), round(small.shape[0] * upscale)),
+                          interpolation=cv2.INTER_LANCZOS4)  # fmt: skip
+    factors = (base.shape[1] / small.shape[1], base.shape[0] / small.shape[0])
+    gray = settings.tone and is_grayscale(small)
+    for f in targets:
+        lq, affine = align_face(small, f.face.landmarks, 512)
+        face = restored(f.id)
+        lq = cv2.resize(lq, face.shape[1::-1], interpolation=cv2.INTER_AREA)
+        face = match_tone(face, lq, gray) if settings.tone else face
+        base = paste_back(base, face, scale_affine(affine, *factors), 512)
+    return base
 
 
 def _free_name(out: Path, stem: str) -> Path:
@@ -598,6 +693,31 @@ def write_contact_sheet(out: Path, album: Album, pixels: dict, restored: dict[st
         f"<h2>In no person (left unchanged)</h2><p>{unmatched or 'none'}</p>"
     )
     write_atomic(out / CONTACT_SHEET, lambda tmp: Path(tmp).write_text(page))
+
+
+def people_sheet(grouping: Grouping, pixels: dict[str, np.ndarray], size: int = THUMB) -> np.ndarray:
+    """A picture of the grouping: a row per person (its name, its references, then a gap and its faces to
+    restore), and a last row of the faces in no person."""
+    rows = [(p.id, p.references, [i for i in p.faces if grouping.decisions[i] == "restored"]) for p in grouping.people]
+    unmatched = [i for i, d in grouping.decisions.items() if d == "unmatched"]
+    if unmatched:
+        rows.append(("no person", [], unmatched))
+    label, gap = 2 * size, size // 4
+    width = label + max((len(refs) * size + gap + len(faces) * size for _, refs, faces in rows), default=size)
+    sheet = np.full((max(len(rows), 1) * size, width, 3), 255, np.uint8)
+    for r, (name, refs, faces) in enumerate(rows):
+        y = r * size
+        cv2.putText(sheet, name, (6, y + size // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        x = label
+        for face_id in [*refs, None, *faces]:
+            if face_id is None:
+                x += gap
+                continue
+            face = grouping.faces[face_id]
+            sheet[y : y + size, x : x + size] = align_face(to_8bit(pixels[face.photo]), face.face.landmarks, size)[0]
+            x += size
+        sheet[y + size - 1, :] = 200
+    return sheet
 
 
 def _digest(*parts: bytes) -> str:

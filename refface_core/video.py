@@ -19,7 +19,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -237,18 +237,18 @@ def frames_of(path: Path, rotation: int) -> Iterator[np.ndarray]:
             yield upright(frame, rotation)
 
 
-def analyse(
-    analysis: FaceAnalysis, path: Path, info: VideoInfo, update: Callable[[int, int], None] | None = None
+def analyse_frames(
+    analysis: FaceAnalysis, frames: Iterable[np.ndarray], total: int, update: Callable[[int, int], None] | None = None
 ) -> list[Track]:
     """Detect and embed every face of every frame and link them into tracks, longest first."""
     detections = []
-    for t, image in enumerate(frames_of(path, info.rotation)):
+    for t, image in enumerate(frames):
         faces = analysis.detect(image)
         crops = analysis.identity_crops(image, faces)
         usable = [f.size >= USABLE_SIZE and sharpness(c) >= USABLE_SHARPNESS for f, c in zip(faces, crops, strict=True)]
         detections.append((faces, analysis.embed_crops(crops), usable))
         if update:
-            update(t + 1, info.frames)
+            update(t + 1, total)
     return link_tracks(detections, analysis.same_person_threshold)
 
 
@@ -279,20 +279,22 @@ def link_tracks(detections: list[tuple[list[Face], np.ndarray, list[bool]]], thr
 
 def choose_tracks(
     tracks: list[Track],
-    identity: np.ndarray,
+    identity: np.ndarray | None,
     select: str | int,
     threshold: float,
     log: Callable[[str], None] = print,
 ) -> list[int]:
     """The person's tracks, by the rule that chooses a photo's faces (``choose_faces``), each track judged by its
-    mean identity over all its frames; the report says "track" where that rule says "face"."""
+    mean identity over all its frames (``identity`` None: no person, as for select "largest" or "all"); the report
+    says "track" where that rule says "face"."""
     if not tracks:
         raise RefFaceError("no face found in any frame of the video")
     if isinstance(select, int) and not 0 <= select < len(tracks):
         count = f"{len(tracks)} track{'s' if len(tracks) != 1 else ''}"
         raise RefFaceError(f"track {select} does not exist: the video has {count} (0..{len(tracks) - 1})")
     biggest = [max(track.faces, key=lambda f: f.size) for track in tracks]
-    similarity = face_similarity(np.stack([track.identity() for track in tracks]), identity)
+    identities = np.stack([track.identity() for track in tracks])
+    similarity = None if identity is None else face_similarity(identities, identity)
     usable = np.array([any(track.usable) for track in tracks])
     for k, track in enumerate(tracks):
         log(f"track {k}: frames {track.frames[0]}-{track.frames[-1]} ({len(track.frames)} detected)")
@@ -366,7 +368,23 @@ def resume_settings(
     }
 
 
-class Parts:
+class CropStore:
+    """Restored crops by (track, frame), in memory."""
+
+    def __init__(self) -> None:
+        self.crops: dict[tuple[int, int], np.ndarray] = {}
+
+    def has(self, track: int, frame: int) -> bool:
+        return (track, frame) in self.crops
+
+    def save(self, track: int, frame: int, crop: np.ndarray) -> None:
+        self.crops[track, frame] = crop
+
+    def load(self, track: int, frame: int) -> np.ndarray:
+        return self.crops[track, frame]
+
+
+class Parts(CropStore):
     """OUT.parts/: the restored crops of a run, one PNG per track and frame, and the plan they were made for. A rerun
     with the same settings takes them up where it stopped; other settings start afresh."""
 
@@ -407,6 +425,9 @@ class Parts:
     def path(self, track: int, frame: int) -> Path:
         return self.folder / f"track{track}_frame{frame:07d}.png"
 
+    def has(self, track: int, frame: int) -> bool:
+        return self.path(track, frame).exists()
+
     def save(self, track: int, frame: int, crop: np.ndarray) -> None:
         from PIL import Image
 
@@ -424,24 +445,24 @@ class Parts:
 
 def restore_tracks(
     restorer: RefFaceRestorer,
-    path: Path,
-    info: VideoInfo,
+    frames_again: Callable[[], Iterable[np.ndarray]],
     plan: dict[int, dict[int, np.ndarray]],
     context: CompositeContext,
-    parts: Parts,
+    parts: CropStore,
     seed: int,
     batch_size: int,
     tone: bool = True,
     update: Callable[[int, int], None] | None = None,
     **sample_options: Any,
 ) -> int:
-    """Restore every planned face not yet in ``parts``: a track's frames go through ``restore_batch`` together,
+    """Restore every planned face not yet in ``parts`` (``frames_again()``: the frames, from the first, each time it
+    is called): a track's frames go through ``restore_batch`` together,
     ``batch_size`` at a time, all from the same ``seed`` (the same initial noise) and the one shared ``context``.
     Returns how many were restored now."""
     from .faces.tone import is_grayscale
     from .pipeline import restore_crops
 
-    todo = {k: {t for t in frames if not parts.path(k, t).exists()} for k, frames in plan.items()}
+    todo = {k: {t for t in frames if not parts.has(k, t)} for k, frames in plan.items()}
     total = sum(len(frames) for frames in plan.values())
     done = total - sum(len(frames) for frames in todo.values())
     gray: dict[int, bool | None] = {}  # decided once per track, on its first frame: a face does not flip to colour
@@ -463,7 +484,7 @@ def restore_tracks(
 
     if not any(todo.values()):
         return 0
-    for t, image in enumerate(frames_of(path, info.rotation)):
+    for t, image in enumerate(frames_again()):
         for k, frames in todo.items():
             if t == first.get(k) or t in frames:
                 crop, _ = align_face(image, plan[k][t], restorer.image_size)
@@ -482,6 +503,7 @@ def restore_tracks(
 class TrackMeasure:
     """Flicker and identity of one restored track, gathered frame by frame while encoding."""
 
+    frames: int = 0
     flicker_out: list[float] = field(default_factory=list)
     flicker_in: list[float] = field(default_factory=list)
     identity: dict[int, float] = field(default_factory=dict)
@@ -490,7 +512,7 @@ class TrackMeasure:
     def to_json(self) -> dict[str, Any]:
         ids, ids_in = list(self.identity.values()), list(self.identity_in.values())
         return {
-            "frames": len(self.identity),
+            "frames": self.frames,
             "flicker": {"output": _mean(self.flicker_out), "input": _mean(self.flicker_in)},
             "identity": {"mean": _mean(ids), "min": _round(min(ids)) if ids else None, "input_mean": _mean(ids_in)},
             "per_frame": [
@@ -513,51 +535,71 @@ def flicker(before: np.ndarray, after: np.ndarray, region: np.ndarray) -> float:
     return float(np.abs(after[region].astype(np.float32) - before[region].astype(np.float32)).mean())
 
 
+class FacePaster:
+    """Pastes each frame's planned faces back, frames in order, and measures each track's flicker (against the
+    input's, over the same region) and identity (cosine of the face to the references' mean, restored and as it
+    was; not measured without references)."""
+
+    def __init__(
+        self,
+        plan: dict[int, dict[int, np.ndarray]],
+        parts: CropStore,
+        crop_size: int,
+        analysis: FaceAnalysis,
+        identity: np.ndarray | None,
+    ) -> None:
+        self.plan, self.parts, self.crop_size, self.analysis = plan, parts, crop_size, analysis
+        self.measures = {k: TrackMeasure() for k in plan}
+        self.previous: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # frame, input, output, region
+        self.person = None
+        if identity is not None:
+            mean = identity.reshape(-1, identity.shape[-1]).mean(0)
+            self.person = mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+    def tracks_in(self, t: int) -> list[int]:
+        return [k for k in self.plan if t in self.plan[k]]
+
+    def __call__(self, t: int, before: np.ndarray) -> np.ndarray:
+        """Frame ``t`` (upright RGB) with its planned faces pasted back, measured."""
+        here = self.tracks_in(t)
+        after = before
+        for k in here:
+            after = paste_back(after, self.parts.load(k, t), alignment_transform(self.plan[k][t], self.crop_size))
+        for k in here:
+            measure, landmarks = self.measures[k], self.plan[k][t]
+            region = paste_mask(alignment_transform(landmarks, self.crop_size), self.crop_size, before.shape) > 0.5
+            if k in self.previous and self.previous[k][0] == t - 1:
+                _, before_prev, after_prev, region_prev = self.previous[k]
+                both = region | region_prev
+                measure.flicker_out.append(flicker(after_prev, after, both))
+                measure.flicker_in.append(flicker(before_prev, before, both))
+            self.previous[k] = (t, before, after, region)
+            measure.frames += 1
+            if self.person is not None:
+                face = [Face(np.r_[landmarks.min(0), landmarks.max(0)], landmarks, 1.0)]
+                measure.identity[t] = float(self.analysis.embed(after, face)[0] @ self.person)
+                measure.identity_in[t] = float(self.analysis.embed(before, face)[0] @ self.person)
+        return after
+
+
 def encode_video(
     path: Path,
     out: str,
     container_format: str,
     info: VideoInfo,
-    plan: dict[int, dict[int, np.ndarray]],
-    parts: Parts,
-    crop_size: int,
-    analysis: FaceAnalysis,
-    identity: np.ndarray,
+    paster: FacePaster,
     update: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
-) -> dict[int, TrackMeasure]:
-    """Write the video to ``out``: every frame at its own timestamp, the planned faces pasted back, the audio packets
-    copied as they are; and measure each track's flicker (against the input's, over the same region) and identity
-    (cosine of the face to the references' mean, restored and as it was)."""
+) -> None:
+    """Write the video to ``out``: every frame at its own timestamp, the planned faces pasted back and measured by
+    ``paster``, the audio packets copied as they are."""
     import av
 
-    measures = {k: TrackMeasure() for k in plan}
-    previous: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # track: frame, input, output, region
-    person = identity.reshape(-1, identity.shape[-1]).mean(0)
-    person = person / max(float(np.linalg.norm(person)), 1e-12)
-
     def restored(frame: av.VideoFrame, t: int) -> av.VideoFrame:
-        """Frame ``t`` with its planned faces pasted back (the decoded frame itself where it has none), measured."""
-        here = [k for k in plan if t in plan[k]]
-        if not here:
+        if not paster.tracks_in(t):
             frame.pict_type = av.video.frame.PictureType.NONE  # let the encoder choose, not copy the input's
             return frame
-        before = after = upright(frame, info.rotation)
-        for k in here:
-            after = paste_back(after, parts.load(k, t), alignment_transform(plan[k][t], crop_size))
-        for k in here:
-            measure, landmarks = measures[k], plan[k][t]
-            region = paste_mask(alignment_transform(landmarks, crop_size), crop_size, before.shape) > 0.5
-            if k in previous and previous[k][0] == t - 1:
-                _, before_prev, after_prev, region_prev = previous[k]
-                both = region | region_prev
-                measure.flicker_out.append(flicker(after_prev, after, both))
-                measure.flicker_in.append(flicker(before_prev, before, both))
-            previous[k] = (t, before, after, region)
-            face = [Face(np.r_[landmarks.min(0), landmarks.max(0)], landmarks, 1.0)]
-            measure.identity[t] = float(analysis.embed(after, face)[0] @ person)
-            measure.identity_in[t] = float(analysis.embed(before, face)[0] @ person)
-        return to_frame(after, frame, info.rotation)
+        return to_frame(paster(t, upright(frame, info.rotation)), frame, info.rotation)
 
     durations: dict[Fraction, Fraction] = {}  # input packets' durations by time: the encoder guesses the last one's
 
@@ -589,7 +631,6 @@ def encode_video(
             target.mux(timed(video_out.encode()))
         except av.FFmpegError as e:
             raise RefFaceError(f"cannot write the video ({container_format}): {e}") from None
-    return measures
 
 
 def _video_stream(target: av.container.OutputContainer, info: VideoInfo, log: Callable[[str], None]) -> Any:
@@ -669,6 +710,49 @@ class VideoResult:
         }
 
 
+def plan_tracks(
+    analysis: FaceAnalysis,
+    frames: Iterable[np.ndarray],
+    total: int,
+    identity: np.ndarray | None,
+    select: str | int,
+    threshold: float | None,
+    smooth: int,
+    log: Callable[[str], None],
+    counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+) -> tuple[dict[int, dict[int, np.ndarray]], list[dict[str, Any]]]:
+    """The analysis pass: the chosen tracks' smoothed landmarks by frame, and every track found, for the report."""
+    found = analyse_frames(analysis, frames, total, counter("analysing", "frame") if counter else None)
+    threshold = analysis.same_person_threshold if threshold is None else threshold
+    chosen = choose_tracks(found, identity, select, threshold, log)
+    tracks = [
+        {"track": k, "first": tr.frames[0], "last": tr.frames[-1], "detected": len(tr.frames), "restored": k in chosen}
+        for k, tr in enumerate(found)
+    ]
+    return {k: track_plan(found[k], smooth) for k in chosen}, tracks
+
+
+def restore_planned_frames(
+    restorer: RefFaceRestorer,
+    analysis: FaceAnalysis,
+    frames: list[np.ndarray],
+    plan: dict[int, dict[int, np.ndarray]],
+    identity: np.ndarray | None,
+    context: CompositeContext,
+    seed: int = 2024,
+    batch_size: int = 8,
+    tone: bool = True,
+    update: Callable[[int, int], None] | None = None,
+    **sample_options: Any,
+) -> tuple[list[np.ndarray], dict[int, TrackMeasure]]:
+    """The restore and paste passes of ``restore_video`` for frames in memory (the ComfyUI nodes' video, an IMAGE
+    batch), after ``plan_tracks``: the frames with the planned faces restored, and each track's measures."""
+    crops = CropStore()
+    restore_tracks(restorer, lambda: frames, plan, context, crops, seed, batch_size, tone, update, **sample_options)
+    paster = FacePaster(plan, crops, restorer.image_size, analysis, identity)
+    return [paster(t, frame) if paster.tracks_in(t) else frame for t, frame in enumerate(frames)], paster.measures
+
+
 def restore_video(
     restorer: RefFaceRestorer,
     analysis: FaceAnalysis,
@@ -705,54 +789,48 @@ def restore_video(
     saved = parts.load_plan()
     began = time.monotonic()
     if saved is None:
-        found = analyse(analysis, video, info, counter("analysing", "frame") if counter else None)
-        threshold = analysis.same_person_threshold if threshold is None else threshold
-        chosen = choose_tracks(found, identity, select, threshold, progress)
-        plan = {k: track_plan(found[k], smooth) for k in chosen}
-        tracks = [
-            {"track": k, "first": tr.frames[0], "last": tr.frames[-1], "detected": len(tr.frames),
-             "restored": k in chosen}
-            for k, tr in enumerate(found)
-        ]  # fmt: skip
+        plan, tracks = plan_tracks(analysis, frames_of(video, info.rotation), info.frames, identity, select,
+                                   threshold, smooth, progress, counter)  # fmt: skip
         parts.save_plan(plan, tracks)
     else:
         progress(f"resuming from {parts.folder}")
         plan, tracks = saved
-        chosen = list(plan)
     seconds["analyse"] = time.monotonic() - began
     progress(f"restoring {sum(map(len, plan.values()))} face(s) in {len(plan)} track(s)")
     began = time.monotonic()
-    restore_tracks(restorer, video, info, plan, context, parts, seed, batch_size, tone,
+    restore_tracks(restorer, lambda: frames_of(video, info.rotation), plan, context, parts, seed, batch_size, tone,
                    counter("restoring", "frame") if counter else None, **sample_options)  # fmt: skip
     seconds["restore"] = time.monotonic() - began
     began = time.monotonic()
-    measures: dict[int, TrackMeasure] = {}
-
-    def write(tmp: str) -> None:
-        measures.update(encode_video(video, tmp, output_format(out), info, plan, parts, restorer.image_size,
-                                     analysis, identity, counter("encoding", "frame") if counter else None,
-                                     progress))  # fmt: skip
-
-    write_atomic(out, write)
+    paster = FacePaster(plan, parts, restorer.image_size, analysis, identity)
+    write_atomic(
+        out,
+        lambda tmp: encode_video(
+            video, tmp, output_format(out), info, paster, counter("encoding", "frame") if counter else None, progress
+        ),
+    )
     seconds["encode"] = time.monotonic() - began
     parts.remove()
-    return VideoResult(info, tracks, chosen, measures, seconds)
+    return VideoResult(info, tracks, list(plan), paster.measures, seconds)
 
 
-def summary_lines(result: VideoResult) -> list[str]:
-    """The report: per restored track, its flicker next to the input's and its identity."""
+def summary_lines(
+    restored: list[int], measures: dict[int, TrackMeasure], frames: int, seconds: dict[str, float] | None = None
+) -> list[str]:
+    """The report: per restored track, its flicker next to the input's and its identity; the speed."""
     lines = []
-    for k in result.restored:
-        m = result.measures[k].to_json()
+    for k in restored:
+        m = measures[k].to_json()
         flick, ident = m["flicker"], m["identity"]
+        identity = f"; identity {_show(ident['mean'])} (min {_show(ident['min'])}, input {_show(ident['input_mean'])})"
         lines.append(
-            f"track {k}: {m['frames']} frames restored; flicker {_show(flick['output'])} (input "
-            f"{_show(flick['input'])}, mean |Δ| between frames over the face, 0-255); identity {_show(ident['mean'])} "
-            f"(min {_show(ident['min'])}, input {_show(ident['input_mean'])})"
+            f"track {k}: {m['frames']} frames restored; flicker "
+            f"{_show(flick['output'])} (input {_show(flick['input'])}, mean |Δ| between frames over the face, 0-255)"
+            + (identity if measures[k].identity else "")
         )
-    total = sum(result.seconds.values())
+    total = sum((seconds or {}).values())
     if total > 0:
-        lines.append(f"{result.info.frames} frames in {total:.1f} s ({result.info.frames / total:.2f} frames/s)")
+        lines.append(f"{frames} frames in {total:.1f} s ({frames / total:.2f} frames/s)")
     return lines
 
 

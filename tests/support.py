@@ -3,16 +3,19 @@ that starts processes of its own."""
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from refface_core import RefFaceRestorer
@@ -274,7 +277,6 @@ def metrics_folder(folder, hq_images: list) -> None:
     """Every metric's weights file in its public format, the learned ones random (seeded, as the metric tests make
     them), lpips' real linear layers, and FID statistics of ``hq_images`` (H×W×3 uint8) under that Inception."""
     import importlib.util
-    import shutil
 
     from refface_core.evaluation.fid import InceptionFeatures, statistics
 
@@ -302,3 +304,62 @@ def metrics_folder(folder, hq_images: list) -> None:
                               for i in hq_images])  # fmt: skip
     mu, sigma = statistics(features)
     np.savez(folder / "ffhq_clean_trainval70k_512.npz", mu=mu, sigma=sigma)
+
+
+FACES = Path(__file__).parent / "data" / "faces"
+
+
+def small_scan(name: str, eyes: float, quality: int) -> np.ndarray:
+    """An old small scan: the photo shrunk to ``eyes`` px between the eyes (its face has about 93), as JPEG."""
+    photo = np.asarray(Image.open(FACES / name).convert("RGB"))
+    small = cv2.resize(photo, None, fx=eyes / 93, fy=eyes / 93, interpolation=cv2.INTER_AREA)
+    _, data = cv2.imencode(".jpg", small[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
+
+
+def album_photos(folder: Path) -> Path:
+    """Ardern, Macron and Obama each in a sharp photo and a degraded one; Sunak only degraded (no reference)."""
+    from refface_core.training.degradations import PRESETS, degrade
+
+    for name in ("ardern_1", "macron_2", "obama"):
+        shutil.copy(FACES / f"{name}.jpg", folder / f"{name}.jpg")
+    degraded = {
+        "ardern_2": small_scan("ardern_2.jpg", 16, 40),
+        "macron_1": degrade(np.asarray(Image.open(FACES / "macron_1.jpg").convert("RGB")), PRESETS["moderate"], 3),
+        "obama_old": small_scan("obama.jpg", 12, 40),
+        "sunak": small_scan("sunak.jpg", 14, 40),
+    }
+    for name, pixels in degraded.items():
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    return folder
+
+
+FRAMES = 8  # of the synthetic video
+SIZE = (176, 144)  # upright width, height
+
+
+def face_path(t):
+    """Where the face is in frame ``t``: its centre drifts right and down while it grows by a quarter."""
+    return 70 + 3 * t, 66 + t, 1 + t / 36
+
+
+def synthetic_frames():
+    """The upright frames: macron_1's face, 24 px between the eyes at the start, moved and zoomed, then degraded
+    (downscaled ×2, blurred, JPEG 40), each frame with its own seeded JPEG noise as a scanned tape would have."""
+    from refface_core.faces import load_face_analysis
+    from refface_core.images import load_image
+
+    photo = np.asarray(load_image(FACES / "macron_1.jpg"))
+    face = load_face_analysis().detect(photo)[0]
+    centre = face.landmarks.mean(0)
+    frames = []
+    for t in range(FRAMES):
+        x, y, zoom = face_path(t)
+        scale = 24 / face.size * zoom
+        affine = np.array([[scale, 0, x - scale * centre[0]], [0, scale, y - scale * centre[1]]])
+        frame = cv2.warpAffine(photo, affine, SIZE, flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT_101)
+        small = cv2.resize(frame, (SIZE[0] // 2, SIZE[1] // 2), interpolation=cv2.INTER_AREA)
+        frame = cv2.GaussianBlur(cv2.resize(small, SIZE, interpolation=cv2.INTER_CUBIC), (0, 0), 0.8)
+        _, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 40])
+        frames.append(cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED))
+    return frames

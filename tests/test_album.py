@@ -3,14 +3,15 @@ fixed seeds, restored by the tiny model."""
 
 import argparse
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from support import tiny_context_config, tiny_restorer
+from support import album_photos, run_bounded, small_scan, tiny_context_config, tiny_restorer
 
 from refface_core import RefFaceRestorer
 from refface_core.album import (
@@ -29,35 +30,14 @@ from refface_core.album import (
 from refface_core.cli import album as album_cli
 from refface_core.errors import RefFaceError
 from refface_core.faces import Face, load_face_analysis
-from refface_core.training.degradations import PRESETS, degrade
 
 FACES = Path(__file__).parent / "data" / "faces"
 OPTIONS = dict(steps=2, spacing="uniform_trailing")
 
 
-def small_scan(name: str, eyes: float, quality: int) -> np.ndarray:
-    """An old small scan: the photo shrunk to ``eyes`` px between the eyes (its face has about 93), as JPEG."""
-    photo = np.asarray(Image.open(FACES / name).convert("RGB"))
-    small = cv2.resize(photo, None, fx=eyes / 93, fy=eyes / 93, interpolation=cv2.INTER_AREA)
-    _, data = cv2.imencode(".jpg", small[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
-
-
 @pytest.fixture(scope="module")
 def album_dir(tmp_path_factory) -> Path:
-    """Ardern, Macron and Obama each in a sharp photo and a degraded one; Sunak only degraded (no reference)."""
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("ardern_1", "macron_2", "obama"):
-        shutil.copy(FACES / f"{name}.jpg", folder / f"{name}.jpg")
-    degraded = {
-        "ardern_2": small_scan("ardern_2.jpg", 16, 40),
-        "macron_1": degrade(np.asarray(Image.open(FACES / "macron_1.jpg").convert("RGB")), PRESETS["moderate"], 3),
-        "obama_old": small_scan("obama.jpg", 12, 40),
-        "sunak": small_scan("sunak.jpg", 14, 40),
-    }
-    for name, pixels in degraded.items():
-        Image.fromarray(pixels).save(folder / f"{name}.png")
-    return folder
+    return album_photos(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +292,7 @@ def test_a_composite_context_model_is_refused_before_any_photo_is_scanned(album_
     model = tiny_restorer()
     model.add_composite_context(tiny_context_config())
     out = tmp_path / "out"
-    with pytest.raises(RefFaceError, match="this model has Composite Context: refface album does not support it yet"):
+    with pytest.raises(RefFaceError, match="this model has Composite Context: albums do not support it yet"):
         build_album(model, None, album_dir, out, AlbumSettings(), "tiny")  # no face analysis: never reached
     assert not out.exists()
 
@@ -322,5 +302,28 @@ def test_cli_runs_an_album(built, album_dir, model_dir, tmp_path, capsys):
     shutil.copytree(built[1] / CACHE / "detections", out / CACHE / "detections")  # resumes: no detection again
     argv = [str(album_dir), "--out", str(out), "--model", str(model_dir), "--steps", "2", "--device", "cpu"]
     assert album_cli.run(parse(argv)) == 0
-    assert "in no person (1): sunak.png#0" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "in no person, left unchanged (1): sunak.png#0" in said
+    assert "references: macron_2.jpg#0; restoring 1: macron_1.png#0" in said
     assert (out / PEOPLE_JSON).is_file() and (out / "album.html").is_file()
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_group_once_and_share_the_restoring(album_dir, model_dir, tmp_path):
+    """Against one process with the same threads per process (the thread count changes float rounding)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "true"}
+    args = ["album", str(album_dir), "--model", str(model_dir), "--steps", "2", "--batch-size", "1", "--out"]
+    one = run_bounded([sys.executable, "-m", "refface_core", *args, str(tmp_path / "one")], 300, env=env, cwd=repo)
+    assert one.returncode == 0, one.stdout[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "refface_core"]  # fmt: skip
+    two = run_bounded([*launch, *args, str(tmp_path / "two")], 300, env=env, cwd=repo)
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert two.stdout.count("finding faces in 7 photo(s)") == 1 and two.stdout.count("3 people,") == 1  # one speaks
+    people = [json.loads((tmp_path / run / PEOPLE_JSON).read_text()) for run in ("one", "two")]
+    assert people[0]["people"] == people[1]["people"] and people[0]["faces"] == people[1]["faces"]
+    outputs = {name: entry["output"] for name, entry in people[0]["photos"].items()}
+    assert len(outputs) == 3 and outputs == {name: entry["output"] for name, entry in people[1]["photos"].items()}
+    for output in outputs.values():
+        assert np.array_equal(*(np.asarray(Image.open(tmp_path / run / output)) for run in ("one", "two"))), output

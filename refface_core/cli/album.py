@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 from ..choices import ALBUM_KEEP_SHARP, ALBUM_MAX_REFERENCES
@@ -11,7 +12,12 @@ from .options import add_face_models_option, add_model_option, add_sampling_opti
 
 def add_to(commands: argparse._SubParsersAction) -> None:
     album = commands.add_parser(
-        "album", help="group the faces of a photo folder into people and restore each with that person's best photos"
+        "album",
+        help="group the faces of a photo folder into people and restore each with that person's best photos",
+        description="Group the faces of a photo folder into people and restore each person's degraded faces with "
+        "that person's best photos as references. Rerun the same command to resume, or after editing people.json. "
+        "Under `accelerate launch -m refface_core album ...` the faces are grouped once and the restoring is shared "
+        "between the processes.",
     )
     album.add_argument("photos", type=Path, metavar="PHOTOS_DIR", help="folder of photos (not searched recursively)")
     album.add_argument(
@@ -53,7 +59,19 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..album import PEOPLE_JSON, AlbumSettings, build_album, check_out, check_restorer, model_id, photo_files
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from ..album import (
+        PEOPLE_JSON,
+        AlbumSettings,
+        build_album,
+        check_out,
+        check_restorer,
+        model_id,
+        person_lines,
+        photo_files,
+    )
     from ..errors import RefFaceError
     from ..faces import load_face_analysis
     from ..files import check_writable_folder
@@ -82,20 +100,24 @@ def run(args: argparse.Namespace) -> int:
     make_solver(args.solver, args.steps, args.spacing)
     make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
 
-    progress = Progress()
-    model, _ = load_model(args, progress)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads `launch --cpu`
+    if state.num_processes > 1 and args.device == "auto" and state.device.type != "cpu":
+        args.device = str(state.device)  # one accelerator per process
+    progress = Progress() if state.is_main_process else Progress(io.StringIO())  # one process speaks
+    with state.main_process_first():  # one process fetches the default model
+        model, _ = load_model(args, progress)
     check_restorer(model)  # before any photo is scanned
     analysis = load_face_analysis(args.face_models)
-    album = build_album(
-        model, analysis, args.photos, args.out, settings, model_id(model_folder(args)), progress, progress.counter
-    )
-    unmatched = [face_id for face_id, decision in album.decisions.items() if decision == "unmatched"]
+    album = build_album(model, analysis, args.photos, args.out, settings, model_id(model_folder(args)), progress,
+                        progress.counter, state)  # fmt: skip
+    if not state.is_main_process:
+        return 0
+    for line in person_lines(album):
+        progress(line)
     progress(
         f"{len(album.people)} people, {sum(d == 'restored' for d in album.decisions.values())} face(s) restored "
         f"({album.sampled} sampled now, the rest cached), {len(album.outputs)} photo(s) written into {args.out}"
     )
-    if unmatched:
-        progress(f"left unchanged, in no person ({len(unmatched)}): {', '.join(unmatched)}")
     progress(f"edit {args.out / PEOPLE_JSON} to merge or split people or exclude references, then run again")
     return 0
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     report_path = video_report_path(args.out)
     text = json.dumps(report, indent=2)
     write_atomic(report_path, lambda tmp: Path(tmp).write_text(text))
-    for line in summary_lines(result):
+    for line in summary_lines(result.restored, result.measures, result.info.frames, result.seconds):
         progress(line)
     print(f"wrote {args.out} and {report_path}")
     return 0
