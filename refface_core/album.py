@@ -303,11 +303,15 @@ def _centroid(faces: Sequence[AlbumFace], person: Sequence[int]) -> np.ndarray:
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
-def choose_references(faces: Sequence[AlbumFace], exclude: Sequence[str], k: int, threshold: float) -> list[str]:
-    """Up to ``k`` reference face ids among a person's ``faces``: core faces only, the user's exclusions left out,
-    ranked by agreement with the others, size, sharpness (``rank_references``) and frontality; faces that look like
-    another person are dropped."""
+def choose_references(
+    faces: Sequence[AlbumFace], exclude: Sequence[str], k: int, threshold: float, keep_sharp: float = KEEP_SHARP
+) -> list[str]:
+    """Up to ``k`` reference face ids among a person's ``faces``: core faces only, and of those the ones too sharp
+    to restore (``keep_sharp``) where the person has any, so that a worn photo is restored rather than made a
+    reference; the user's exclusions left out; ranked by agreement with the others, size, sharpness
+    (``rank_references``) and frontality; faces that look like another person are dropped."""
     pool = [f for f in faces if f.core and f.face.size >= MIN_REFERENCE_SIZE and f.id not in set(exclude)]
+    pool = [f for f in pool if f.detail >= keep_sharp] or pool
     if not pool:
         return []
     reports = rank_references(
@@ -408,7 +412,7 @@ def group_people(
     people = _people(found, previous, log)
     for person in people:
         person.references = choose_references([found[i] for i in person.faces], person.exclude, settings.max_refs,
-                                              threshold)  # fmt: skip
+                                              threshold, settings.keep_sharp)  # fmt: skip
     owner = {face_id: person for person in people for face_id in person.faces}
     decisions = {face_id: decide(face, owner.get(face_id), settings.keep_sharp) for face_id, face in found.items()}
     log(f"{len(people)} people; {sum(d == 'restored' for d in decisions.values())} face(s) to restore, "

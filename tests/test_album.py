@@ -21,6 +21,7 @@ from refface_core.album import (
     AlbumFace,
     AlbumSettings,
     build_album,
+    choose_references,
     cluster_core,
     cluster_faces,
     join_faces,
@@ -238,6 +239,15 @@ def test_two_faces_of_one_photo_are_never_one_person():
     for group in groups:
         photos = [faces[i].photo for i in group]
         assert len(photos) == len(set(photos))
+
+
+def test_a_worn_photo_is_restored_rather_than_made_a_reference():
+    """Both faces are clear enough for their identity (core); only one is sharp enough to leave alone."""
+    worn, sharp = (synthetic_face(f"{n}.jpg#0", mixed({0: 0.95})) for n in ("worn", "sharp"))
+    worn.face.landmarks[:, 0] *= 1.3  # larger, which would rank it first
+    sharp.detail = 200.0
+    assert choose_references([worn, sharp], [], 3, 0.3, keep_sharp=60.0) == ["sharp.jpg#0"]
+    assert choose_references([worn], [], 3, 0.3, keep_sharp=60.0) == ["worn.jpg#0"]  # none sharp: the best there is
 
 
 def side_by_side(*images: np.ndarray) -> np.ndarray:

