@@ -95,7 +95,7 @@ class GroupPeople(io.ComfyNode):
         lines: list[str] = [f"{len(found)} face(s) in {len(photos)} photo(s)"]
         grouping = group_people(found, face_analysis.same_person_threshold, settings, log=lines.append)
         lines += person_lines(grouping)
-        sheet = people_sheet(grouping, photos)
+        sheet = people_sheet(grouping, photos.__getitem__)
         album = AlbumPhotos(photos, grouping)
         return io.NodeOutput(album, to_image([sheet]), "\n".join(lines), ui=report(lines))
 
@@ -140,7 +140,7 @@ class RestoreAlbum(io.ComfyNode):
         progress = SamplingProgress(restorer, len(todo), options["steps"])
         settings = AlbumSettings(seed=seed, tone=keep_tone, sample_options=sample_options(**options))
         settings.sample_options["callback"] = progress
-        crop = aligned_crops(grouping.faces, album.photos, restorer.image_size)
+        crop = aligned_crops(grouping.faces, album.photos.__getitem__, restorer.image_size)
         restored = dict(sample_faces(restorer, grouping, todo, crop, settings))
         images, lines = [], []
         for name, pixels in album.photos.items():

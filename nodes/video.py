@@ -54,6 +54,13 @@ class RestoreVideo(io.ComfyNode):
                     "keep_tone", default=True, tooltip="Give the restored face the frame's tone (e.g. black and white)."
                 ),
                 io.Int.Input("batch_size", default=8, min=1, max=64, advanced=True, tooltip="Frames per sampler run."),
+                io.Boolean.Input(
+                    "previous_frame",
+                    default=False,
+                    advanced=True,
+                    tooltip="Also guide each frame with the restored frame before it, as one more reference (slower: "
+                    "frames are restored one at a time).",
+                ),
                 *sampling_inputs(),
             ],
             outputs=[
@@ -74,6 +81,7 @@ class RestoreVideo(io.ComfyNode):
         smooth: int,
         keep_tone: bool,
         batch_size: int,
+        previous_frame: bool,
         seed: int,
         identity: Identity | None = None,
         **options: Any,
@@ -86,8 +94,8 @@ class RestoreVideo(io.ComfyNode):
         (restorer,) = load_on_device(model)
         progress = SamplingProgress(restorer, sum(map(len, plan.values())), options["steps"])
         restored, measures = restore_planned_frames(
-            restorer, face_analysis, images, plan, person, context, seed, batch_size, keep_tone, callback=progress,
-            **sample_options(**options),
+            restorer, face_analysis, images, plan, person, context, seed, batch_size, keep_tone,
+            previous_frame=previous_frame, callback=progress, **sample_options(**options),
         )  # fmt: skip
         lines += summary_lines(list(plan), measures, len(images))
         return io.NodeOutput(to_image(restored), "\n".join(lines), ui=report(lines))

@@ -23,6 +23,7 @@ cached under a key of its inputs, so only what an edit changed is sampled again 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
@@ -70,6 +71,8 @@ CORE_SIMILARITY = 0.45
 # measured on 768 degraded group photos. A looser 0.18 / 0.10 kept every degraded face of the tuning photos, but let
 # a small scan of a person with no sharp photo (0.26 to a stranger, 0.10 ahead of the next) join that stranger.
 # KEEP_SHARP and MAX_REFERENCES (the CLI's defaults too) live in choices.py, importable without cv2.
+PHOTOS_IN_MEMORY = 8  # decoded photos kept while restoring and pasting: a scanned album may not fit in memory
+CROPS_IN_MEMORY = 64  # aligned crops kept (see aligned_crops)
 FRONTAL_WEIGHT = 0.05  # as much as size or sharpness weighs in rank_references
 THUMB = 96
 
@@ -371,17 +374,24 @@ def build_album(
 
         grouping = broadcast_object_list([grouping])[0]
     assert grouping is not None
-    pixels = {path.name: load_photo(path) for path in photos}
+
+    @functools.lru_cache(PHOTOS_IN_MEMORY)
+    def photo_of(name: str) -> Photo:
+        return load_photo(photos_dir / name)
+
+    def pixels_of(name: str) -> np.ndarray:
+        return photo_of(name).pixels
+
     shard = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    restored, sampled = _restore(restorer, grouping, pixels, settings, model_id, cache, count, shard)
+    restored, sampled = _restore(restorer, grouping, pixels_of, settings, model_id, cache, count, shard)
     if state is not None:
         state.wait_for_everyone()
     if not main:
         return Album(grouping.faces, grouping.people, grouping.decisions, {}, sampled)
-    outputs = _paste(grouping, restored, pixels, settings, out, previous, log)
+    outputs = _paste(grouping, restored, [path.name for path in photos], photo_of, settings, out, previous, log)
     album = Album(grouping.faces, grouping.people, grouping.decisions, outputs, sampled)
     _write_people(out, album, settings, model_id, restored)
-    write_contact_sheet(out, album, pixels, restored)
+    write_contact_sheet(out, album, pixels_of, restored)
     return album
 
 
@@ -452,7 +462,7 @@ def _people(found: dict[str, AlbumFace], previous: dict | None, log: Callable[[s
 def _restore(
     restorer: RefFaceRestorer,
     grouping: Grouping,
-    pixels: dict[str, Photo],
+    pixels_of: Callable[[str], np.ndarray],
     settings: AlbumSettings,
     model_id: str,
     cache: Path,
@@ -462,7 +472,7 @@ def _restore(
     """Every face to restore, in ``cache``/faces/ under a key of its inputs (its crop, its person's reference
     crops, the model, the settings and the seed), sampled unless that file exists. Returns the files and how many
     faces had none (all processes together; this one sampled its ``shard`` of them)."""
-    crop = aligned_crops(grouping.faces, {name: p.pixels for name, p in pixels.items()}, restorer.image_size)
+    crop = aligned_crops(grouping.faces, pixels_of, restorer.image_size)
     settings_text = json.dumps(settings.sample_options, sort_keys=True, default=str)
     inputs = [str(x).encode() for x in (model_id, settings_text, settings.seed, restorer.dtype)]
     faces_dir = cache / "faces"
@@ -477,15 +487,16 @@ def _restore(
     return paths, len(todo)
 
 
-def aligned_crops(faces: dict[str, AlbumFace], pixels: dict[str, Photo], size: int) -> Callable[[str], np.ndarray]:
-    """face id -> its aligned crop at the model's size, each made once."""
-    crops: dict[str, np.ndarray] = {}
+def aligned_crops(
+    faces: dict[str, AlbumFace], pixels_of: Callable[[str], np.ndarray], size: int
+) -> Callable[[str], np.ndarray]:
+    """face id -> its aligned crop at the model's size (``pixels_of``: a photo's pixels by name), the last
+    CROPS_IN_MEMORY kept: an album's references are asked for again and again, its photos may not fit in memory."""
 
+    @functools.lru_cache(CROPS_IN_MEMORY)
     def crop(face_id: str) -> np.ndarray:
-        if face_id not in crops:
-            face = faces[face_id]
-            crops[face_id] = align_face(to_8bit(pixels[face.photo]), face.face.landmarks, size)[0]
-        return crops[face_id]
+        face = faces[face_id]
+        return align_face(to_8bit(pixels_of(face.photo)), face.face.landmarks, size)[0]
 
     return crop
 
@@ -522,7 +533,8 @@ def sample_faces(
 def _paste(
     grouping: Grouping,
     restored: dict[str, Path],
-    pixels: dict[str, Photo],
+    names: Sequence[str],
+    photo_of: Callable[[str], Photo],
     settings: AlbumSettings,
     out: Path,
     previous: dict | None,
@@ -533,7 +545,7 @@ def _paste(
     and the photo takes a free one."""
     before = (previous or {}).get("photos", {})
     outputs = {}
-    for name, photo in pixels.items():
+    for name in names:
         targets = [f for f in grouping.faces.values() if f.photo == name and grouping.decisions[f.id] == "restored"]
         if not targets:
             continue
@@ -544,6 +556,7 @@ def _paste(
         if own and old.get("key") == key:
             outputs[name] = {"output": old["output"], "key": key}
             continue
+        photo = photo_of(name)
         result = paste_faces(photo.pixels, targets, lambda f: np.asarray(Image.open(restored[f]).convert("RGB")),
                              settings)  # fmt: skip
         path = out / old["output"] if own else _free_name(out, Path(name).stem)
@@ -661,7 +674,9 @@ def _write_people(out: Path, album: Album, settings: AlbumSettings, model_id: st
     write_atomic(out / PEOPLE_JSON, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
-def write_contact_sheet(out: Path, album: Album, pixels: dict, restored: dict[str, Path]) -> None:
+def write_contact_sheet(
+    out: Path, album: Album, pixels_of: Callable[[str], np.ndarray], restored: dict[str, Path]
+) -> None:
     """``album.html``: a row per person (references, then each restored face before and after), then the faces in
     no person. Thumbnails sit in the cache folder, linked relatively: the page opens from the disk."""
     thumbs = out / CACHE / "thumbs"
@@ -672,7 +687,7 @@ def write_contact_sheet(out: Path, album: Album, pixels: dict, restored: dict[st
         if after:
             image = np.asarray(Image.open(restored[face_id]).convert("RGB"))
         else:
-            image = align_face(to_8bit(pixels[face.photo].pixels), face.face.landmarks, THUMB)[0]
+            image = align_face(to_8bit(pixels_of(face.photo)), face.face.landmarks, THUMB)[0]
         name = f"{_digest(face_id.encode(), str(after).encode())}.jpg"
         Image.fromarray(image).resize((THUMB, THUMB), Image.LANCZOS).save(thumbs / name, quality=90)
         return f'<img src="{CACHE}/thumbs/{name}" title="{html.escape(face_id)}" alt="{html.escape(face_id)}">'
@@ -699,7 +714,7 @@ def write_contact_sheet(out: Path, album: Album, pixels: dict, restored: dict[st
     write_atomic(out / CONTACT_SHEET, lambda tmp: Path(tmp).write_text(page))
 
 
-def people_sheet(grouping: Grouping, pixels: dict[str, np.ndarray], size: int = THUMB) -> np.ndarray:
+def people_sheet(grouping: Grouping, pixels_of: Callable[[str], np.ndarray], size: int = THUMB) -> np.ndarray:
     """A picture of the grouping: a row per person (its name, its references, then a gap and its faces to
     restore), and a last row of the faces in no person."""
     rows = [(p.id, p.references, [i for i in p.faces if grouping.decisions[i] == "restored"]) for p in grouping.people]
@@ -718,7 +733,7 @@ def people_sheet(grouping: Grouping, pixels: dict[str, np.ndarray], size: int = 
                 x += gap
                 continue
             face = grouping.faces[face_id]
-            sheet[y : y + size, x : x + size] = align_face(to_8bit(pixels[face.photo]), face.face.landmarks, size)[0]
+            sheet[y : y + size, x : x + size] = align_face(to_8bit(pixels_of(face.photo)), face.face.landmarks, size)[0]
             x += size
         sheet[y + size - 1, :] = 200
     return sheet

@@ -453,12 +453,14 @@ def restore_tracks(
     batch_size: int,
     tone: bool = True,
     update: Callable[[int, int], None] | None = None,
+    previous_frame: bool = False,
     **sample_options: Any,
 ) -> int:
     """Restore every planned face not yet in ``parts`` (``frames_again()``: the frames, from the first, each time it
     is called): a track's frames go through ``restore_batch`` together,
     ``batch_size`` at a time, all from the same ``seed`` (the same initial noise) and the one shared ``context``.
-    Returns how many were restored now."""
+    Returns how many were restored now. With ``previous_frame``, each frame is also guided by the track's restored
+    frame before it, as one more reference, so frames are restored one at a time."""
     from .faces.tone import is_grayscale
     from .pipeline import restore_crops
 
@@ -469,11 +471,18 @@ def restore_tracks(
     first = {k: min(frames) for k, frames in plan.items() if frames}  # the same frame however far a run got
     pending: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in plan}
 
+    if previous_frame and context.tokens is not None:
+        raise RefFaceError("guiding with the previous frame needs a model without Composite Context")
+    size = 1 if previous_frame else batch_size
+
     def flush(k: int) -> None:
         nonlocal done
         frames = [t for t, _ in pending[k]]
         crops = [crop for _, crop in pending[k]]
-        restored = restore_crops(restorer, crops, context, [seed], tone, gray[k], batch_size=batch_size,
+        here = context
+        if previous_frame and parts.has(k, frames[0] - 1):
+            here = with_previous_face(restorer, context, parts.load(k, frames[0] - 1))
+        restored = restore_crops(restorer, crops, here, [seed], tone, gray[k], batch_size=batch_size,
                                  **sample_options)  # fmt: skip
         for t, (face,) in zip(frames, restored, strict=True):
             parts.save(k, t, face)
@@ -491,12 +500,21 @@ def restore_tracks(
                 gray.setdefault(k, tone and is_grayscale(crop))
             if t in frames:
                 pending[k].append((t, crop))
-                if len(pending[k]) == batch_size:
+                if len(pending[k]) == size:
                     flush(k)
     for k in plan:
         if pending[k]:
             flush(k)
     return sum(len(frames) for frames in todo.values())
+
+
+def with_previous_face(restorer: RefFaceRestorer, context: CompositeContext, face: np.ndarray) -> CompositeContext:
+    """``context`` with a track's previous restored face as one more reference (its CacheKV latent)."""
+    import torch
+
+    from .model import CompositeContext
+
+    return CompositeContext(torch.cat([context.latents, restorer.encode_context([face]).latents], dim=1))
 
 
 @dataclass
@@ -743,12 +761,14 @@ def restore_planned_frames(
     batch_size: int = 8,
     tone: bool = True,
     update: Callable[[int, int], None] | None = None,
+    previous_frame: bool = False,
     **sample_options: Any,
 ) -> tuple[list[np.ndarray], dict[int, TrackMeasure]]:
     """The restore and paste passes of ``restore_video`` for frames in memory (the ComfyUI nodes' video, an IMAGE
     batch), after ``plan_tracks``: the frames with the planned faces restored, and each track's measures."""
     crops = CropStore()
-    restore_tracks(restorer, lambda: frames, plan, context, crops, seed, batch_size, tone, update, **sample_options)
+    restore_tracks(restorer, lambda: frames, plan, context, crops, seed, batch_size, tone, update, previous_frame,
+                   **sample_options)  # fmt: skip
     paster = FacePaster(plan, crops, restorer.image_size, analysis, identity)
     return [paster(t, frame) if paster.tracks_in(t) else frame for t, frame in enumerate(frames)], paster.measures
 
@@ -769,6 +789,7 @@ def restore_video(
     tone: bool = True,
     progress: Callable[[str], None] = print,
     counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+    previous_frame: bool = False,
     **sample_options: Any,
 ) -> VideoResult:
     """Restore the person's face through ``video`` into ``out`` (written whole or not at all), resumable through
@@ -784,7 +805,8 @@ def restore_video(
         + (f", audio {', '.join(info.audio)}" if info.audio else "")
     )
     key = resume_settings(restorer, analysis, video, identity, context, smooth=smooth, seed=seed, select=select,
-                          tone=tone, threshold=threshold, sampling=sample_options)  # fmt: skip
+                          tone=tone, threshold=threshold, previous_frame=previous_frame,
+                          sampling=sample_options)  # fmt: skip
     parts = Parts(out, {**(settings or {}), **key})
     saved = parts.load_plan()
     began = time.monotonic()
@@ -799,7 +821,7 @@ def restore_video(
     progress(f"restoring {sum(map(len, plan.values()))} face(s) in {len(plan)} track(s)")
     began = time.monotonic()
     restore_tracks(restorer, lambda: frames_of(video, info.rotation), plan, context, parts, seed, batch_size, tone,
-                   counter("restoring", "frame") if counter else None, **sample_options)  # fmt: skip
+                   counter("restoring", "frame") if counter else None, previous_frame, **sample_options)  # fmt: skip
     seconds["restore"] = time.monotonic() - began
     began = time.monotonic()
     paster = FacePaster(plan, parts, restorer.image_size, analysis, identity)

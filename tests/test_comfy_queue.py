@@ -23,7 +23,15 @@ from refface_core.comfy_queue import (
     write_new,
 )
 
-API = sorted((Path(__file__).resolve().parents[1] / "workflows" / "api").glob("*.json"))
+ALL_API = sorted((Path(__file__).resolve().parents[1] / "workflows" / "api").glob("*.json"))
+API = [p for p in ALL_API if f'"{INPUT_TITLE}"' in p.read_text()]  # what comfy-queue fills: a photo and references
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_API if p not in API], ids=lambda p: p.stem)
+def test_the_album_and_video_workflows_are_refused_in_one_line(path):
+    assert len(API) == 3
+    with pytest.raises(RefFaceError, match=f"needs a LoadImage node titled '{INPUT_TITLE}'"):
+        fill_workflow(json.loads(path.read_text()), "refface/abc/photo.jpg", "refface/abc/references")
 
 
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])

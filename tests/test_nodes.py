@@ -380,7 +380,7 @@ def test_video_node_restores_the_persons_track_through_the_frames(pack, person):
     restored, report = pack.run(
         "RefFaceRestoreVideo", model=person.model, context=person.context, face_analysis=person.analysis,
         frames=frames, select="matching", identity=person.identity, threshold=-1.0, smooth=5, keep_tone=True,
-        batch_size=4, **SAMPLING,
+        batch_size=4, previous_frame=False, **SAMPLING,
     )  # fmt: skip
     assert restored.shape == frames.shape
     changed = (restored - frames).abs().amax(-1) > 2 / 255
@@ -390,7 +390,8 @@ def test_video_node_restores_the_persons_track_through_the_frames(pack, person):
     assert "identity " in summary
     _, report = pack.run(
         "RefFaceRestoreVideo", model=person.model, context=person.context, face_analysis=person.analysis,
-        frames=frames[:3], select="largest", threshold=-1.0, smooth=1, keep_tone=False, batch_size=8, **SAMPLING,
+        frames=frames[:3], select="largest", threshold=-1.0, smooth=1, keep_tone=False, batch_size=8,
+        previous_frame=True, **SAMPLING,
     )  # fmt: skip
     assert "track 0: 3 frames restored; flicker " in report and "identity " not in report  # no person: not measured
 

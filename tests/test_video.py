@@ -10,18 +10,23 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from support import FRAMES, SIZE, face_path, synthetic_frames, tiny_restorer
 
-from refface_core import RefFaceError
+from refface_core import RefFaceError, RefFaceRestorer
 from refface_core.cli import video as video_command
-from refface_core.faces import Face
+from refface_core.faces import Face, load_face_analysis
 from refface_core.faces.analysis import FaceAnalysis
+from refface_core.images import load_image
+from refface_core.model import CompositeContext
 from refface_core.video import (
     Parts,
     Track,
     choose_tracks,
     flicker,
     link_tracks,
+    plan_tracks,
+    restore_planned_frames,
     resume_settings,
     smooth_landmarks,
     split_segments,
@@ -131,7 +136,6 @@ def jittery_detector(monkeypatch):
 @pytest.fixture(scope="module")
 def resumed(model_dir, clip, tmp_path_factory):
     """A run stopped after 4 restored frames, then run again: the frames each run restored, and the output."""
-    from refface_core import RefFaceRestorer
     from refface_core.video import Parts
 
     out = tmp_path_factory.mktemp("resumed") / "out.mp4"
@@ -384,3 +388,26 @@ def test_the_resume_key_covers_dtype_references_and_sampling(clip):
     assert key(identity=identity * 2) != same
     assert key(context=CompositeContext(torch.ones(1, 1, 3, 4, 4))) != same
     assert key(steps=3) != same
+
+
+def test_previous_frame_guides_each_frame_with_the_restored_one_before_it(monkeypatch):
+    frames, analysis, model = synthetic_frames()[:4], load_face_analysis(), tiny_restorer(seed=6)
+    context = model.encode_context([np.asarray(load_image(DATA / "macron_2.jpg").resize((64, 64)))])
+    plan, _ = plan_tracks(analysis, frames, len(frames), None, "largest", None, 3, lambda line: None)
+    calls = []
+    original = RefFaceRestorer.restore_batch
+
+    def restore_batch(self, faces, contexts, *args, **kwargs):
+        calls.append((len(faces), contexts.latents.shape[1]))  # faces, references
+        return original(self, faces, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(RefFaceRestorer, "restore_batch", restore_batch)
+    alone, _ = restore_planned_frames(model, analysis, frames, plan, None, context, steps=2)
+    assert calls == [(4, 1)]
+    calls.clear()
+    guided, _ = restore_planned_frames(model, analysis, frames, plan, None, context, previous_frame=True, steps=2)
+    assert calls == [(1, 1), (1, 2), (1, 2), (1, 2)]  # one at a time; from the second frame, one reference more
+    assert np.array_equal(alone[0], guided[0]) and not np.array_equal(alone[1], guided[1])
+    with pytest.raises(RefFaceError, match="previous frame needs a model without Composite Context"):
+        restore_planned_frames(model, analysis, frames, plan, None, CompositeContext(context.latents, torch.zeros(1)),
+                               previous_frame=True, steps=2)  # fmt: skip

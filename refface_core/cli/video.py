@@ -29,6 +29,12 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         f"a moving mean at 3, 1 = off (default {DEFAULT_SMOOTH})",
     )
     video.add_argument("--batch-size", type=int, default=8, help="frames per UNet call (default 8)")
+    video.add_argument(
+        "--previous-frame",
+        action="store_true",
+        help="also guide each frame with the track's restored frame before it, as one more reference (slower: "
+        "frames are restored one at a time)",
+    )
     video.add_argument("--track", type=int, help="restore only this track (0 = longest; listed as the run starts)")
     video.add_argument("--all-tracks", action="store_true", help="restore every face track, not only the person's")
     video.add_argument(
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"model": model_id(model_folder(args)), "face_models": str(args.face_models)}
     result = restore_video(
         model, analysis, args.input, args.out, references.embeddings, context, settings, select, args.ref_threshold,
-        args.smooth, args.seed, args.batch_size, not args.colorize, progress, progress.counter,
+        args.smooth, args.seed, args.batch_size, not args.colorize, progress, progress.counter, args.previous_frame,
         **sampling_options(args),
     )  # fmt: skip
     report = {
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model_name,
         "seed": args.seed,
         "smooth": args.smooth,
+        "previous_frame": args.previous_frame,
         "settings": sampling_options(args),
         **result.to_json(),
     }
