@@ -14,6 +14,7 @@ from refface_core.album import (
     AlbumSettings,
     aligned_crops,
     check_restorer,
+    faceless_photos,
     find_album_faces,
     group_people,
     paste_faces,
@@ -92,7 +93,7 @@ class GroupPeople(io.ComfyNode):
         settings.check()
         bar = comfy.utils.ProgressBar(len(photos))
         found = find_album_faces(face_analysis, photos, lambda done, total: bar.update_absolute(done, total))
-        lines: list[str] = [f"{len(found)} face(s) in {len(photos)} photo(s)"]
+        lines = [f"{len(found)} face(s) in {len(photos)} photo(s)", *faceless_photos(list(photos), found)]
         grouping = group_people(found, face_analysis.same_person_threshold, settings, log=lines.append)
         lines += person_lines(grouping)
         sheet = people_sheet(grouping, photos.__getitem__)

@@ -368,6 +368,8 @@ def build_album(
     if main:
         log(f"finding faces in {len(photos)} photo(s)")
         found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
+        for line in faceless_photos([path.name for path in photos], found):
+            log(line)
         grouping = group_people(found, analysis.same_person_threshold, settings, previous, log)
     if state is not None and state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -393,6 +395,13 @@ def build_album(
     _write_people(out, album, settings, model_id, restored)
     write_contact_sheet(out, album, pixels_of, restored)
     return album
+
+
+def faceless_photos(names: Sequence[str], faces: dict[str, AlbumFace]) -> list[str]:
+    """A line naming the photos in which no face was found, if any: they are left as they are."""
+    with_faces = {face.photo for face in faces.values()}
+    empty = [name for name in names if name not in with_faces]
+    return [f"no face found in {len(empty)} photo(s), left as they are: {', '.join(empty)}"] if empty else []
 
 
 def person_lines(grouping: Grouping) -> list[str]:

@@ -354,18 +354,20 @@ def test_album_nodes_group_a_folder_into_people_and_restore_each_with_their_own_
     folder = Path(folder_paths.get_input_directory()) / "album_test"
     folder.mkdir()
     album_photos(folder)
+    Image.new("RGB", (300, 200), "grey").save(folder / "wall.png")
     album, sheet, report = pack.run(
         "RefFaceGroupPeople", face_analysis=person.analysis, folder="album_test", max_refs=3, keep_sharp=60.0
     )
     lines = report.splitlines()
-    assert lines[0] == "7 face(s) in 7 photo(s)" and "3 people; 3 face(s) to restore, 1 in no person" in lines
+    assert lines[:2] == ["7 face(s) in 8 photo(s)", "no face found in 1 photo(s), left as they are: wall.png"]
+    assert "3 people; 3 face(s) to restore, 1 in no person" in lines
     for sharp, degraded in (("ardern_1.jpg", "ardern_2.png"), ("macron_2.jpg", "macron_1.png"),
                             ("obama.jpg", "obama_old.png")):  # fmt: skip
         assert any(f"references: {sharp}#0; restoring 1: {degraded}#0" in line for line in lines), lines
     assert lines[-1] == "in no person, left unchanged (1): sunak.png#0"
     assert sheet.shape == (1, 4 * 96, 2 * 96 + 96 + 24 + 96, 3)  # 3 people and the unmatched row
     images, report = pack.run("RefFaceRestoreAlbum", model=person.model, album=album, keep_tone=True, **SAMPLING)
-    assert len(images) == 7 and report.splitlines()[0] == "ardern_1.jpg: restored 0 face(s)"
+    assert len(images) == 8 and report.splitlines()[0] == "ardern_1.jpg: restored 0 face(s)"
     for image, path in zip(images, sorted(folder.iterdir()), strict=True):
         original = torch.from_numpy(np.array(load_image(path))).float() / 255
         assert image.shape == (1, *original.shape)
