@@ -134,15 +134,13 @@ class RestoreAlbum(io.ComfyNode):
     ) -> io.NodeOutput:
         grouping = album.grouping
         todo = grouping.to_restore()
-        if not todo:
-            raise RefFaceError("no face to restore: " + ("; ".join(person_lines(grouping)) or "no face found"))
         (restorer,) = load_on_device(model)
         check_restorer(restorer)
         progress = SamplingProgress(restorer, len(todo), options["steps"])
         settings = AlbumSettings(seed=seed, tone=keep_tone, sample_options=sample_options(**options))
         settings.sample_options["callback"] = progress
         crop = aligned_crops(grouping.faces, album.photos.__getitem__, restorer.image_size)
-        restored = dict(sample_faces(restorer, grouping, todo, crop, settings))
+        restored = dict(sample_faces(restorer, grouping, todo, crop, settings))  # none to restore: photos as they are
         images, lines = [], []
         for name, pixels in album.photos.items():
             targets = [f for f in grouping.faces.values() if f.photo == name and f.id in restored]

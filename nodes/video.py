@@ -8,14 +8,16 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from refface_core.faces import SELECT_MODES, FaceAnalysis
+from refface_core.faces import SELECT_MODES, FaceAnalysis, Wording
 from refface_core.model import CompositeContext
-from refface_core.video import plan_tracks, restore_planned_frames, summary_lines
+from refface_core.video import check_previous_frame, check_smooth, plan_tracks, restore_planned_frames, summary_lines
 
 from .references import identity_of, same_person_threshold, threshold_input
-from .restore import sample_options, sampling_inputs
+from .restore import NODE_WORDING, sample_options, sampling_inputs
 from .runtime import Offloadable, SamplingProgress, load_on_device, report, to_arrays, to_image
 from .types import ContextType, Identity, IdentityType, RefFaceModel
+
+TRACK_WORDING = Wording("select: largest, for the biggest face's track", "select: all", NODE_WORDING.aligned)
 
 
 class RestoreVideo(io.ComfyNode):
@@ -47,6 +49,7 @@ class RestoreVideo(io.ComfyNode):
                     default=9,
                     min=1,
                     max=61,
+                    step=2,
                     tooltip="Frames over which the face's landmarks are smoothed, so the crop does not jitter (1 = "
                     "off).",
                 ),
@@ -86,11 +89,15 @@ class RestoreVideo(io.ComfyNode):
         identity: Identity | None = None,
         **options: Any,
     ) -> io.NodeOutput:
+        check_smooth(smooth, "smooth")
+        if previous_frame:
+            check_previous_frame(context)
         images = to_arrays(frames)
         person = None if identity is None else identity_of(identity, face_analysis)
         lines: list[str] = []
         plan, _ = plan_tracks(face_analysis, images, len(images), person, select,
-                              same_person_threshold(face_analysis, threshold), smooth, lines.append)  # fmt: skip
+                              same_person_threshold(face_analysis, threshold), smooth, lines.append,
+                              wording=TRACK_WORDING)  # fmt: skip
         (restorer,) = load_on_device(model)
         progress = SamplingProgress(restorer, sum(map(len, plan.values())), options["steps"])
         restored, measures = restore_planned_frames(

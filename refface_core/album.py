@@ -364,17 +364,25 @@ def build_album(
     cache = out / CACHE
     previous = _read_people(out / PEOPLE_JSON)  # a broken edit fails before any work, in every process
     main = state is None or state.is_main_process
-    grouping = None
+    shared = state is not None and state.num_processes > 1
+    grouping, failure = None, None
     if main:
-        log(f"finding faces in {len(photos)} photo(s)")
-        found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
-        for line in faceless_photos([path.name for path in photos], found):
-            log(line)
-        grouping = group_people(found, analysis.same_person_threshold, settings, previous, log)
-    if state is not None and state.num_processes > 1:
+        try:
+            log(f"finding faces in {len(photos)} photo(s)")
+            found = scan_photos(analysis, photos, cache / "detections", count("photos", "photo"))
+            for line in faceless_photos([path.name for path in photos], found):
+                log(line)
+            grouping = group_people(found, analysis.same_person_threshold, settings, previous, log)
+        except RefFaceError as e:
+            if not shared:
+                raise
+            failure = str(e)  # every process stops on it, rather than wait for a grouping that never comes
+    if shared:
         from accelerate.utils import broadcast_object_list
 
-        grouping = broadcast_object_list([grouping])[0]
+        grouping, failure = broadcast_object_list([grouping, failure])
+    if failure is not None:
+        raise RefFaceError(failure)
     assert grouping is not None
 
     @functools.lru_cache(PHOTOS_IN_MEMORY)
@@ -385,7 +393,8 @@ def build_album(
         return photo_of(name).pixels
 
     shard = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    restored, sampled = _restore(restorer, grouping, pixels_of, settings, model_id, cache, count, shard)
+    barrier = state.wait_for_everyone if state is not None else lambda: None
+    restored, sampled = _restore(restorer, grouping, pixels_of, settings, model_id, cache, count, shard, barrier)
     if state is not None:
         state.wait_for_everyone()
     if not main:
@@ -477,10 +486,12 @@ def _restore(
     cache: Path,
     count: Callable[[str, str], Callable[[int, int], None]],
     shard: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Path], int]:
     """Every face to restore, in ``cache``/faces/ under a key of its inputs (its crop, its person's reference
     crops, the model, the settings and the seed), sampled unless that file exists. Returns the files and how many
-    faces had none (all processes together; this one sampled its ``shard`` of them)."""
+    faces had none (all processes together; this one sampled its ``shard`` of them). ``barrier`` waits for every
+    process to know what to sample before any writes, so that all share out the same faces."""
     crop = aligned_crops(grouping.faces, pixels_of, restorer.image_size)
     settings_text = json.dumps(settings.sample_options, sort_keys=True, default=str)
     inputs = [str(x).encode() for x in (model_id, settings_text, settings.seed, restorer.dtype)]
@@ -491,6 +502,7 @@ def _restore(
         key = _digest(crop(face_id).tobytes(), *(crop(r).tobytes() for r in person.references), *inputs)
         paths[face_id] = faces_dir / f"{key}.png"
     todo = [(face_id, person) for face_id, person in grouping.to_restore() if not paths[face_id].is_file()]
+    barrier()
     for face_id, image in sample_faces(restorer, grouping, todo, crop, settings, count("faces", "face"), shard):
         write_atomic(paths[face_id], lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
     return paths, len(todo)

@@ -283,6 +283,7 @@ def choose_tracks(
     select: str | int,
     threshold: float,
     log: Callable[[str], None] = print,
+    wording: Wording = TRACK_WORDING,
 ) -> list[int]:
     """The person's tracks, by the rule that chooses a photo's faces (``choose_faces``), each track judged by its
     mean identity over all its frames (``identity`` None: no person, as for select "largest" or "all"); the report
@@ -303,8 +304,13 @@ def choose_tracks(
         select,
         threshold,
         lambda line: log(re.sub(r"^(warning: )?face (\d+)", r"\1track \2", line)),
-        TRACK_WORDING,
+        wording,
     )
+
+
+def check_smooth(window: int, name: str = "--smooth") -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise RefFaceError(f"{name} must be an odd number of frames (1 = off, 3, 5, ...), got {window!r}")
 
 
 def smooth_landmarks(landmarks: np.ndarray, window: int) -> np.ndarray:
@@ -471,17 +477,17 @@ def restore_tracks(
     first = {k: min(frames) for k, frames in plan.items() if frames}  # the same frame however far a run got
     pending: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in plan}
 
-    if previous_frame and context.tokens is not None:
-        raise RefFaceError("guiding with the previous frame needs a model without Composite Context")
+    if previous_frame:
+        check_previous_frame(context)
     size = 1 if previous_frame else batch_size
 
     def flush(k: int) -> None:
         nonlocal done
         frames = [t for t, _ in pending[k]]
         crops = [crop for _, crop in pending[k]]
-        here = context
-        if previous_frame and parts.has(k, frames[0] - 1):
-            here = with_previous_face(restorer, context, parts.load(k, frames[0] - 1))
+        here, t = context, frames[0]
+        if previous_frame and parts.has(k, t - 1) and same_shot(plan[k][t - 1], plan[k][t]):
+            here = with_previous_face(restorer, context, parts.load(k, t - 1))
         restored = restore_crops(restorer, crops, here, [seed], tone, gray[k], batch_size=batch_size,
                                  **sample_options)  # fmt: skip
         for t, (face,) in zip(frames, restored, strict=True):
@@ -506,6 +512,18 @@ def restore_tracks(
         if pending[k]:
             flush(k)
     return sum(len(frames) for frames in todo.values())
+
+
+def check_previous_frame(context: CompositeContext) -> None:
+    if context.tokens is not None:
+        raise RefFaceError("guiding with the previous frame needs a model without Composite Context")
+
+
+def same_shot(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether a track's face in two consecutive frames is in one shot: its landmarks' boxes overlap by MIN_IOU, as
+    a segment's detections do (the previous frame guides the next only within a shot)."""
+    boxes = [np.r_[points.min(0), points.max(0)] for points in (before, after)]
+    return box_iou(*boxes) >= MIN_IOU
 
 
 def with_previous_face(restorer: RefFaceRestorer, context: CompositeContext, face: np.ndarray) -> CompositeContext:
@@ -738,11 +756,12 @@ def plan_tracks(
     smooth: int,
     log: Callable[[str], None],
     counter: Callable[[str, str], Callable[[int, int], None]] | None = None,
+    wording: Wording = TRACK_WORDING,
 ) -> tuple[dict[int, dict[int, np.ndarray]], list[dict[str, Any]]]:
     """The analysis pass: the chosen tracks' smoothed landmarks by frame, and every track found, for the report."""
     found = analyse_frames(analysis, frames, total, counter("analysing", "frame") if counter else None)
     threshold = analysis.same_person_threshold if threshold is None else threshold
-    chosen = choose_tracks(found, identity, select, threshold, log)
+    chosen = choose_tracks(found, identity, select, threshold, log, wording)
     tracks = [
         {"track": k, "first": tr.frames[0], "last": tr.frames[-1], "detected": len(tr.frames), "restored": k in chosen}
         for k, tr in enumerate(found)

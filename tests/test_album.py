@@ -337,3 +337,9 @@ def test_two_accelerate_processes_group_once_and_share_the_restoring(album_dir, 
     assert len(outputs) == 3 and outputs == {name: entry["output"] for name, entry in people[1]["photos"].items()}
     for output in outputs.values():
         assert np.array_equal(*(np.asarray(Image.open(tmp_path / run / output)) for run in ("one", "two"))), output
+    broken = tmp_path / "broken"
+    shutil.copytree(album_dir, broken)
+    (broken / "torn.jpg").write_bytes(b"not a photo")  # the main process fails on it while the others wait
+    args[1] = str(broken)
+    failed = run_bounded([*launch, *args, str(tmp_path / "three")], 300, env=env, cwd=repo)
+    assert failed.returncode != 0 and failed.stdout.count("torn.jpg") >= 2, failed.stdout[-3000:]  # each process

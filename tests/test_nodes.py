@@ -373,6 +373,13 @@ def test_album_nodes_group_a_folder_into_people_and_restore_each_with_their_own_
         assert image.shape == (1, *original.shape)
         changed = not torch.allclose(image[0], original, atol=1 / 255)
         assert changed == (path.name in ("ardern_2.png", "macron_1.png", "obama_old.png")), path.name
+    sharp, *_ = pack.run(
+        "RefFaceGroupPeople", face_analysis=person.analysis, folder="album_test", max_refs=3, keep_sharp=0.0
+    )  # every face sharp enough: nothing to restore, every photo as it was
+    images, report = pack.run("RefFaceRestoreAlbum", model=person.model, album=sharp, keep_tone=True, **SAMPLING)
+    assert all(torch.allclose(image[0], torch.from_numpy(np.array(load_image(path))).float() / 255, atol=1 / 255)
+               for image, path in zip(images, sorted(folder.iterdir()), strict=True))  # fmt: skip
+    assert all(line.endswith(": restored 0 face(s)") for line in report.splitlines())
     with pytest.raises(Exception, match="album folder not found: .*nowhere"):
         pack.run("RefFaceGroupPeople", face_analysis=person.analysis, folder="nowhere", max_refs=3, keep_sharp=60.0)
 
@@ -396,6 +403,12 @@ def test_video_node_restores_the_persons_track_through_the_frames(pack, person):
         previous_frame=True, **SAMPLING,
     )  # fmt: skip
     assert "track 0: 3 frames restored; flicker " in report and "identity " not in report  # no person: not measured
+    with pytest.raises(Exception, match=r"smooth must be an odd number of frames \(1 = off, 3, 5, ...\), got 4"):
+        pack.run(
+            "RefFaceRestoreVideo", model=person.model, context=person.context, face_analysis=person.analysis,
+            frames=frames[:3], select="largest", threshold=-1.0, smooth=4, keep_tone=False, batch_size=8,
+            previous_frame=False, **SAMPLING,
+        )  # fmt: skip
 
 
 def test_composite_context_model_takes_farl_and_identity(pack, person):

@@ -411,3 +411,20 @@ def test_previous_frame_guides_each_frame_with_the_restored_one_before_it(monkey
     with pytest.raises(RefFaceError, match="previous frame needs a model without Composite Context"):
         restore_planned_frames(model, analysis, frames, plan, None, CompositeContext(context.latents, torch.zeros(1)),
                                previous_frame=True, steps=2)  # fmt: skip
+
+
+def test_previous_frame_does_not_guide_across_a_cut(monkeypatch):
+    frames, analysis, model = synthetic_frames()[:4], load_face_analysis(), tiny_restorer(seed=6)
+    context = model.encode_context([np.asarray(load_image(DATA / "macron_2.jpg").resize((64, 64)))])
+    (track,) = plan_tracks(analysis, frames, len(frames), None, "largest", None, 1, lambda line: None)[0].values()
+    plan = {0: {t: points + (60 * (t >= 2), 0) for t, points in track.items()}}  # the face jumps at frame 2: a cut
+    references = []
+    original = RefFaceRestorer.restore_batch
+
+    def restore_batch(self, faces, contexts, *args, **kwargs):
+        references.append(contexts.latents.shape[1])
+        return original(self, faces, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(RefFaceRestorer, "restore_batch", restore_batch)
+    restore_planned_frames(model, analysis, frames, plan, None, context, previous_frame=True, steps=1)
+    assert references == [1, 2, 1, 2]

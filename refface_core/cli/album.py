@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from ..choices import ALBUM_KEEP_SHARP, ALBUM_MAX_REFERENCES
-from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, process_state, sampling_options
 
 
 def add_to(commands: argparse._SubParsersAction) -> None:
@@ -59,9 +59,6 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from ..album import (
         PEOPLE_JSON,
         AlbumSettings,
@@ -100,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
     make_solver(args.solver, args.steps, args.spacing)
     make_branches(args.guidance, 1, args.scale, args.s_i, args.s_c, args.ref_slots)
 
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads `launch --cpu`
-    if state.num_processes > 1 and args.device == "auto" and state.device.type != "cpu":
-        args.device = str(state.device)  # one accelerator per process
+    state = process_state(args)
     progress = Progress() if state.is_main_process else Progress(io.StringIO())  # one process speaks
     with state.main_process_first():  # one process fetches the default model
         model, _ = load_model(args, progress)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..choices import EVAL_SETS, SWEEPABLE
 from ..errors import RefFaceError
-from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
+from .options import add_face_models_option, add_model_option, add_sampling_options, process_state, sampling_options
 
 if TYPE_CHECKING:
     from ..evaluation.restoring import ContextOf
@@ -91,9 +91,6 @@ def run(args: argparse.Namespace) -> int:
                       settings["s_c"], settings["ref_slots"])  # fmt: skip
         check_number("context_scale", settings["context_scale"])
 
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from ..evaluation.metrics import Scorer, check_metrics_dir, default_metrics_dir
     from ..evaluation.restoring import restore_set
     from ..evaluation.run import ALIGNED, open_run_dir, score_and_report
@@ -105,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     metrics_dir = args.metrics or default_metrics_dir()
     check_metrics_dir(metrics_dir)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads `launch --cpu`
-    if state.num_processes > 1 and args.device == "auto" and state.device.type != "cpu":
-        args.device = str(state.device)  # one accelerator per process
+    state = process_state(args)
     main = state.is_main_process
     progress = Progress() if main else Progress(io.StringIO())  # one process speaks
     folder_only = args.set == "folder"

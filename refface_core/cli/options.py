@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..choices import DEVICE_NAMES, DTYPE_NAMES, GUIDANCES, SOLVERS, SPACINGS
+from ..errors import RefFaceError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -82,3 +86,22 @@ def print_report(table: str, result: dict, json_path: Path | None) -> int:
     if json_path:
         json_path.write_text(text)
     return 0
+
+
+def process_state(args: argparse.Namespace) -> PartialState:
+    """This process's accelerate state, `accelerate launch --cpu` read as Accelerator reads it, with a day's wait
+    at the collectives (the other processes wait while the main one fetches the model or reads an album). Under
+    several processes each runs on its own device: --device auto becomes it, another --device is refused."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(days=1))
+    device = "cpu" if state.device.type == "cpu" else str(state.device)  # not "cpu:0", which torch refuses
+    if state.num_processes > 1:
+        if args.device not in ("auto", device):
+            raise RefFaceError(f"under accelerate each process runs on its own device ({device} here): leave "
+                               f"--device at auto, not {args.device}")  # fmt: skip
+        args.device = device
+    return state

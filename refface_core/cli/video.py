@@ -50,11 +50,10 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..files import path_kind, write_atomic
-    from ..video import check_paths, open_video
+    from ..video import check_paths, check_smooth, open_video
 
     check_seeds([args.seed])
-    if args.smooth < 1 or args.smooth % 2 == 0:
-        raise RefFaceError(f"--smooth must be an odd number of frames (1 = off, 3, 5, ...), got {args.smooth}")
+    check_smooth(args.smooth)
     if args.batch_size < 1:
         raise RefFaceError(f"--batch-size must be at least 1, got {args.batch_size}")
     if path_kind(args.input) != "file":
