@@ -498,10 +498,11 @@ def _restore(
     faces_dir = cache / "faces"
     faces_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for face_id, person in grouping.to_restore():
+    to_restore = grouping.to_restore()
+    for face_id, person in to_restore:
         key = _digest(crop(face_id).tobytes(), *(crop(r).tobytes() for r in person.references), *inputs)
         paths[face_id] = faces_dir / f"{key}.png"
-    todo = [(face_id, person) for face_id, person in grouping.to_restore() if not paths[face_id].is_file()]
+    todo = [(face_id, person) for face_id, person in to_restore if not paths[face_id].is_file()]
     barrier()
     for face_id, image in sample_faces(restorer, grouping, todo, crop, settings, count("faces", "face"), shard):
         write_atomic(paths[face_id], lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))

@@ -463,8 +463,8 @@ def restore_tracks(
     **sample_options: Any,
 ) -> int:
     """Restore every planned face not yet in ``parts`` (``frames_again()``: the frames, from the first, each time it
-    is called): a track's frames go through ``restore_batch`` together,
-    ``batch_size`` at a time, all from the same ``seed`` (the same initial noise) and the one shared ``context``.
+    is called): a track's frames go through ``restore_batch`` together, ``batch_size`` at a time, all from the same
+    ``seed`` (the same initial noise) and the one shared ``context``.
     Returns how many were restored now. With ``previous_frame``, each frame is also guided by the track's restored
     frame before it, as one more reference, so frames are restored one at a time."""
     from .faces.tone import is_grayscale
@@ -596,7 +596,7 @@ class FacePaster:
         return [k for k in self.plan if t in self.plan[k]]
 
     def __call__(self, t: int, before: np.ndarray) -> np.ndarray:
-        """Frame ``t`` (upright RGB) with its planned faces pasted back, measured."""
+        """Frame ``t`` (upright RGB) with its planned faces pasted back, measured (as it is where it has none)."""
         here = self.tracks_in(t)
         after = before
         for k in here:
@@ -789,7 +789,7 @@ def restore_planned_frames(
     restore_tracks(restorer, lambda: frames, plan, context, crops, seed, batch_size, tone, update, previous_frame,
                    **sample_options)  # fmt: skip
     paster = FacePaster(plan, crops, restorer.image_size, analysis, identity)
-    return [paster(t, frame) if paster.tracks_in(t) else frame for t, frame in enumerate(frames)], paster.measures
+    return [paster(t, frame) for t, frame in enumerate(frames)], paster.measures
 
 
 def restore_video(

@@ -7,7 +7,14 @@ import io
 from pathlib import Path
 
 from ..choices import ALBUM_KEEP_SHARP, ALBUM_MAX_REFERENCES
-from .options import add_face_models_option, add_model_option, add_sampling_options, process_state, sampling_options
+from .options import (
+    add_colorize_option,
+    add_face_models_option,
+    add_model_option,
+    add_sampling_options,
+    process_state,
+    sampling_options,
+)
 
 
 def add_to(commands: argparse._SubParsersAction) -> None:
@@ -48,9 +55,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         default=1.0,
         help="output size over the photo's (default 1; 0: restore's automatic factor, up to 4, per photo)",
     )
-    album.add_argument(
-        "--colorize", action="store_true", help="keep the model's colours (default: the photo's tone, e.g. sepia)"
-    )
+    add_colorize_option(album)
     album.add_argument("--batch-size", type=int, default=8, help="faces per sampler run (default 8)")
     add_face_models_option(album)
     add_sampling_options(album)

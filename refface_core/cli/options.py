@@ -32,6 +32,12 @@ def add_face_models_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_colorize_option(parser: argparse.ArgumentParser, source: str = "photo") -> None:
+    parser.add_argument(
+        "--colorize", action="store_true", help=f"keep the model's colours (default: the {source}'s tone, e.g. sepia)"
+    )
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help=f"{', '.join(DEVICE_NAMES)} or cuda:N (default auto: cuda, then mps, then cpu)"

@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RefFaceError, check_number, check_seeds
 from ..files import check_writable_folder, path_kind
-from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
+from .options import (
+    add_colorize_option,
+    add_face_models_option,
+    add_model_option,
+    add_sampling_options,
+    sampling_options,
+)
 
 if TYPE_CHECKING:
     from ..model import RefFaceRestorer
@@ -41,9 +47,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
         help="output size over the photo's (default: the smallest factor up to 4 that gives every restored face "
         "64 px between the eyes; 1 keeps the photo's size)",
     )
-    restore.add_argument(
-        "--colorize", action="store_true", help="keep the model's colours (default: the photo's tone, e.g. sepia)"
-    )
+    add_colorize_option(restore)
     restore.add_argument(
         "--candidates", type=int, default=1, help="write N restorations, seeds SEED..SEED+N-1, to choose from"
     )

@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from ..errors import RefFaceError, check_seeds
-from .options import add_face_models_option, add_model_option, add_sampling_options, sampling_options
+from .options import (
+    add_colorize_option,
+    add_face_models_option,
+    add_model_option,
+    add_sampling_options,
+    sampling_options,
+)
 
 DEFAULT_SMOOTH = 9  # frames: about a third of a second at 25-30 fps
 
@@ -37,9 +43,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     )
     video.add_argument("--track", type=int, help="restore only this track (0 = longest; listed as the run starts)")
     video.add_argument("--all-tracks", action="store_true", help="restore every face track, not only the person's")
-    video.add_argument(
-        "--colorize", action="store_true", help="keep the model's colours (default: the video's tone, e.g. sepia)"
-    )
+    add_colorize_option(video, "video")
     video.add_argument("--keep-refs", type=int, help="use only the best K references")
     video.add_argument("--ref-threshold", type=float, help="same-person similarity threshold (model default)")
     add_face_models_option(video)
